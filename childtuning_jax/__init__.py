@@ -1,0 +1,38 @@
+"""Child-Tuning (Xu et al., EMNLP 2021) for JAX, as composable optax transforms.
+
+>>> import optax
+>>> from childtuning_jax import child_tuning_free
+>>> tx = optax.chain(child_tuning_free(0.3), optax.adamw(2e-5))
+"""
+
+from childtuning_jax.fisher import estimate_fisher
+from childtuning_jax.masks import (
+    keep_fractions,
+    load_mask,
+    mask_jaccard,
+    save_mask,
+    select_child_network,
+)
+from childtuning_jax.transforms import (
+    ChildTuningDrivenState,
+    ChildTuningFreeState,
+    child_tuning_adamw,
+    child_tuning_driven,
+    child_tuning_free,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ChildTuningDrivenState",
+    "ChildTuningFreeState",
+    "child_tuning_adamw",
+    "child_tuning_driven",
+    "child_tuning_free",
+    "estimate_fisher",
+    "keep_fractions",
+    "load_mask",
+    "mask_jaccard",
+    "save_mask",
+    "select_child_network",
+]

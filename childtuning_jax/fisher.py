@@ -1,0 +1,228 @@
+"""The diagonal Fisher information that chooses the Child-Tuning-D child network.
+
+Paper Eq. 10: F_i = (1/|D|) Σ_j (∂ log p(y_j | x_j; w) / ∂w_i)², a sum of
+squared **per-example** gradients. The published PyTorch code squares
+mini-batch gradients instead; that estimator is available as
+``per_example=False`` for comparison only.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable, Iterator, Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from childtuning_jax import _trees
+
+LossFn = Callable[[Any, Any], jax.Array]
+
+
+def estimate_fisher(
+    loss_fn: LossFn,
+    params: Any,
+    batches: Iterable[Any],
+    *,
+    chunk_size: int = 32,
+    per_example: bool = True,
+    fisher_type: Literal["empirical", "true"] = "empirical",
+    logits_fn: Callable[[Any, Any], jax.Array] | None = None,
+    label_key: str = "labels",
+    key: jax.Array | int = 0,
+    data_sharding: jax.sharding.Sharding | None = None,
+    progress: bool = False,
+) -> Any:
+  """Diagonal Fisher information of ``params`` over a data set (paper Eq. 10).
+
+  Each example's gradient of its negative log-likelihood is squared and the
+  squares are averaged over all examples: ``jax.vmap`` of ``jax.grad`` over
+  chunks of ``chunk_size`` examples. Batches of any size are re-cut into
+  chunks of exactly ``chunk_size`` rows (the last one padded and its padding
+  weighted out), so one compiled function serves the whole pass, and memory
+  is bounded by ``chunk_size`` times the size of the parameters, whatever the
+  size of the data.
+
+  Args:
+    loss_fn: ``loss_fn(params, batch) -> scalar``, the mean negative
+      log-likelihood over ``batch``, whose leaves have a leading batch axis.
+      The estimator calls it on one example at a time (batch axis of size 1).
+      Run the model deterministically (no dropout) inside it unless you want
+      dropout noise in the estimate (the published code has dropout on).
+    params: the parameters (any pytree).
+    batches: an iterable of batches (pytrees of arrays with a common leading
+      axis), e.g. the training set in batches; read once.
+    chunk_size: examples per compiled ``vmap`` call; memory grows linearly
+      with it.
+    per_example: ``True`` (default, the paper): average of squared
+      per-example gradients. ``False``: average over the given batches of the
+      squared *batch*-mean gradient, as the published code computes it; it
+      then depends on the batch size.
+    fisher_type: ``"empirical"`` (default, the paper): gradients at the gold
+      labels. ``"true"``: at labels sampled from the model's own predictive
+      distribution, one sample per example (as in the FISH mask paper);
+      needs ``logits_fn`` and mapping batches with a ``label_key`` entry.
+    logits_fn: ``logits_fn(params, batch) -> [batch, classes]`` logits, for
+      ``fisher_type="true"``.
+    label_key: the batch entry holding the labels, for ``fisher_type="true"``.
+    key: seed or PRNG key for the sampled labels of ``fisher_type="true"``.
+    data_sharding: if given, each chunk is placed with this sharding (its
+      leading axis split over devices), so the pass runs data-parallel;
+      ``chunk_size`` must be divisible by the number of shards. Put
+      ``params`` replicated on the same devices.
+    progress: show a progress bar (examples, examples/s).
+
+  Returns:
+    A float32 pytree with the structure and shapes of ``params``.
+
+  Raises:
+    ValueError: if ``batches`` holds no example, a batch's leaves disagree on
+      the batch size, or the options do not fit together.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, numpy as np
+    >>> from childtuning_jax import estimate_fisher
+    >>> def loss_fn(params, batch):  # logistic regression, mean NLL
+    ...   logits = batch["x"] @ params["w"]
+    ...   return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(len(logits)), batch["labels"]])
+    >>> params = {"w": jnp.zeros((3, 2))}
+    >>> data = [{"x": np.eye(3, dtype=np.float32), "labels": np.array([0, 1, 0])}]
+    >>> fisher = estimate_fisher(loss_fn, params, data, chunk_size=2)
+    >>> fisher["w"]  # each example touches one row: (±0.5)² / 3 examples
+    Array([[0.083..., 0.083...],
+           [0.083..., 0.083...],
+           [0.083..., 0.083...]], dtype=float32)
+
+  References:
+    Xu et al., "Raise a Child in Large Language Model: Towards Effective and
+    Generalizable Fine-tuning", EMNLP 2021, §2.3, Eq. 10.
+    Sung et al., "Training Neural Networks with Fixed Sparse Masks", NeurIPS
+    2021 (the true-Fisher option).
+  """
+  if not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
+    raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}.")
+  if fisher_type not in ("empirical", "true"):
+    raise ValueError(f"fisher_type must be 'empirical' or 'true', got {fisher_type!r}.")
+  if fisher_type == "true" and logits_fn is None:
+    raise ValueError("fisher_type='true' samples labels from the model: pass logits_fn.")
+  if data_sharding is not None and chunk_size % data_sharding.num_devices:
+    raise ValueError(
+        f"chunk_size={chunk_size} must be divisible by the {data_sharding.num_devices} "
+        "devices of data_sharding.")
+  base_key = jax.random.key(key) if isinstance(key, (int, np.integer)) else key
+
+  def example_loss(p, example, example_key):
+    batch = jax.tree.map(lambda x: x[None], example)
+    if fisher_type == "true":
+      logits = jax.lax.stop_gradient(logits_fn(p, batch))
+      sampled = jax.random.categorical(example_key, logits, axis=-1)
+      batch = {**batch, label_key: sampled.astype(batch[label_key].dtype)}
+    return loss_fn(p, batch)
+
+  def example_keys(chunk_index, n):
+    return jax.random.split(jax.random.fold_in(base_key, chunk_index), n)
+
+  @jax.jit
+  def add_squared_example_grads(total, p, chunk, weights, chunk_index):
+    keys = example_keys(chunk_index, weights.shape[0])
+    grads = jax.vmap(jax.grad(example_loss), in_axes=(None, 0, 0))(p, chunk, keys)
+    return jax.tree.map(
+        lambda t, g: t + jnp.einsum("b,b...->...", weights, jnp.square(g.astype(jnp.float32))),
+        total, grads)
+
+  @jax.jit
+  def weighted_grad_sum(p, chunk, weights, chunk_index):
+    keys = example_keys(chunk_index, weights.shape[0])
+
+    def weighted_loss(q):
+      losses = jax.vmap(example_loss, in_axes=(None, 0, 0))(q, chunk, keys)
+      return jnp.sum(weights * losses)
+
+    return jax.tree.map(lambda g: g.astype(jnp.float32), jax.grad(weighted_loss)(p))
+
+  zeros = lambda: jax.tree.map(lambda x: jnp.zeros(jnp.shape(x), jnp.float32), params)
+  total = zeros()
+  batch_grad, batch_examples = zeros(), 0
+  num_examples = num_batches = 0
+  bar = tqdm(desc="Fisher", unit="ex", disable=not progress, dynamic_ncols=True)
+  chunks = _padded_chunks(batches, chunk_size, keep_batches_apart=not per_example)
+  for chunk_index, (chunk, num_valid, ends_batch) in enumerate(chunks):
+    weights = (np.arange(chunk_size) < num_valid).astype(np.float32)
+    if data_sharding is not None:
+      chunk, weights = jax.device_put((chunk, weights), data_sharding)
+    if per_example:
+      total = add_squared_example_grads(total, params, chunk, weights, chunk_index)
+    else:
+      grad_sum = weighted_grad_sum(params, chunk, weights, chunk_index)
+      batch_grad = jax.tree.map(jnp.add, batch_grad, grad_sum)
+      batch_examples += num_valid
+      if ends_batch:
+        # The published recipe: square the gradient of the batch-mean loss.
+        total = jax.tree.map(lambda t, g: t + jnp.square(g / batch_examples), total, batch_grad)
+        batch_grad, batch_examples = zeros(), 0
+        num_batches += 1
+    num_examples += num_valid
+    bar.update(num_valid)
+  bar.close()
+  if num_examples == 0:
+    raise ValueError("estimate_fisher got no examples: batches is empty.")
+  denominator = num_examples if per_example else num_batches
+  return jax.tree.map(lambda t: t / denominator, total)
+
+
+def _padded_chunks(batches: Iterable[Any], chunk_size: int,
+                   keep_batches_apart: bool) -> Iterator[tuple[Any, int, bool]]:
+  """Re-cuts ``batches`` into chunks of exactly ``chunk_size`` rows.
+
+  Yields ``(chunk, num_valid, ends_batch)``: a pytree of numpy arrays whose
+  first ``num_valid`` rows are data and the rest copies of the first row
+  (real inputs, so the weighted-out padding cannot produce NaNs). With
+  ``keep_batches_apart`` a chunk never mixes two batches and ``ends_batch``
+  marks a batch's last chunk; otherwise rows flow across batch boundaries.
+  """
+  pending: list[Any] = []  # row blocks not yet emitted
+  pending_rows = 0
+  structure = None
+
+  def emit(num_rows):
+    nonlocal pending, pending_rows
+    rows = jax.tree.map(lambda *xs: np.concatenate(xs), *pending) if len(pending) > 1 else pending[0]
+    chunk, rest = (jax.tree.map(lambda x: x[:num_rows], rows), jax.tree.map(lambda x: x[num_rows:], rows))
+    pending, pending_rows = ([rest], pending_rows - num_rows) if pending_rows > num_rows else ([], 0)
+    padding = chunk_size - num_rows
+    if padding:
+      chunk = jax.tree.map(lambda x: np.concatenate([x, np.repeat(x[:1], padding, axis=0)]), chunk)
+    return chunk
+
+  for index, batch in enumerate(batches):
+    batch = jax.tree.map(np.asarray, batch)
+    if structure is None:
+      structure = jax.tree.structure(batch)
+    elif jax.tree.structure(batch) != structure:
+      raise ValueError(f"batch {index} has a different structure from batch 0.")
+    size = _batch_size(batch, index)
+    if size == 0:
+      continue
+    pending.append(batch)
+    pending_rows += size
+    while pending_rows >= chunk_size and (pending_rows > chunk_size or not keep_batches_apart):
+      yield emit(chunk_size), chunk_size, False
+    if keep_batches_apart:
+      num_rows = pending_rows
+      yield emit(num_rows), num_rows, True
+  if pending_rows:
+    num_rows = pending_rows
+    yield emit(num_rows), num_rows, True
+
+
+def _batch_size(batch: Any, index: int) -> int:
+  sizes = {name: np.shape(leaf)[0] if np.ndim(leaf) else None for name, leaf in _trees.named_leaves(batch)}
+  if not sizes:
+    raise ValueError(f"batch {index} has no arrays.")
+  if None in sizes.values():
+    scalar = next(name for name, size in sizes.items() if size is None)
+    raise ValueError(f"batch {index}: leaf '{scalar}' has no batch axis (it is a scalar).")
+  if len(set(sizes.values())) > 1:
+    raise ValueError(f"batch {index}: leaves have different batch sizes {sizes}.")
+  return next(iter(sizes.values()))

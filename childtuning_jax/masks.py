@@ -1,0 +1,218 @@
+"""Choosing the Child-Tuning-D child network, and small tools around masks.
+
+A mask is a pytree of boolean arrays with the parameters' structure: ``True``
+marks entries in the child network (updated), ``False`` entries that keep
+their pretrained values.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+from typing import Any, Callable
+
+import jax
+import numpy as np
+
+from childtuning_jax import _trees
+
+GroupBy = int | Callable[[str], str] | None
+
+
+def select_child_network(fisher: Any, reserve_p: float, *, always_trainable: Any = None) -> Any:
+  """The CT-D child network: the ``reserve_p`` fraction of entries with the largest Fisher.
+
+  One global threshold over all selectable entries of all leaves (paper
+  §2.3): exactly ``round(reserve_p * N)`` of the ``N`` selectable entries are
+  kept, those with the highest score. Ties are broken deterministically, in
+  favour of the entry that comes first in ``jax.tree.leaves`` order and then
+  in row-major order. (The published code thresholds at
+  ``np.percentile(..., (1 - p) * 100)`` with ``>=``, which keeps an arbitrary
+  number of extra entries when scores tie, e.g. when many are zero.)
+
+  Args:
+    fisher: a pytree of arrays of scores, usually from
+      :func:`childtuning_jax.estimate_fisher`. Any finite values are allowed,
+      so ``-fisher`` selects the lowest-Fisher child (an ablation of the
+      paper's Table 5).
+    reserve_p: fraction of the selectable entries to keep, in ``(0, 1]``. The
+      paper uses 0.1-0.3.
+    always_trainable: leaves that are always trained in full and do not
+      compete for the budget, e.g. a freshly initialised classifier head.
+      Either a prefix pytree of bools (``{"params": {"classifier": True,
+      "bert": False}}``) or a callable ``f(path) -> bool`` on each leaf's key
+      path, e.g. ``lambda path: "classifier" in jax.tree_util.keystr(path)``.
+      The published code's choice (only encoder layers are masked) is
+      ``lambda path: "layer" not in jax.tree_util.keystr(path)``.
+
+  Returns:
+    A pytree of boolean ``numpy`` arrays with the structure and shapes of
+    ``fisher``.
+
+  Raises:
+    ValueError: if ``reserve_p`` is outside ``(0, 1]``, a score is NaN or
+      infinite (the message names the leaf), or ``always_trainable`` does not
+      fit the tree.
+
+  Examples:
+    >>> import numpy as np
+    >>> from childtuning_jax import select_child_network
+    >>> fisher = {"a": np.array([0.1, 0.9, 0.5]), "head": np.array([0.0, 0.0])}
+    >>> mask = select_child_network(fisher, 2 / 3, always_trainable={"a": False, "head": True})
+    >>> mask["a"], mask["head"]
+    (array([False,  True,  True]), array([ True,  True]))
+
+  References:
+    Xu et al., "Raise a Child in Large Language Model: Towards Effective and
+    Generalizable Fine-tuning", EMNLP 2021, §2.3, Eq. 10.
+  """
+  reserve_p = _trees.check_reserve_p(reserve_p)
+  named = _trees.named_leaves(fisher)
+  if not named:
+    raise ValueError("fisher has no leaves.")
+  always = _trees.leaf_flags(always_trainable, fisher, "always_trainable")
+
+  scores = []
+  for (name, leaf), dense in zip(named, always):
+    values = np.asarray(leaf, dtype=np.float32)
+    if not np.all(np.isfinite(values)):
+      raise ValueError(f"fisher leaf '{name}' contains NaN or infinite values.")
+    if not dense:
+      scores.append(values.ravel())
+  flat = np.concatenate(scores) if scores else np.zeros(0, np.float32)
+  keep = _top_k_stable(flat, round(reserve_p * flat.size))
+
+  masks, offset = [], 0
+  for (_, leaf), dense in zip(named, always):
+    shape = np.shape(leaf)
+    if dense:
+      masks.append(np.ones(shape, bool))
+    else:
+      size = int(np.prod(shape, dtype=np.int64))
+      masks.append(keep[offset:offset + size].reshape(shape))
+      offset += size
+  return jax.tree.unflatten(jax.tree.structure(fisher), masks)
+
+
+def _top_k_stable(values: np.ndarray, k: int) -> np.ndarray:
+  """Boolean mask of the ``k`` largest values; among equal values the lower index wins."""
+  keep = np.zeros(values.size, bool)
+  if k <= 0:
+    return keep
+  if k >= values.size:
+    keep[:] = True
+    return keep
+  # O(N): find the k-th largest value, take everything above it, then fill
+  # the remaining places with the first entries equal to it.
+  threshold = np.partition(values, values.size - k)[values.size - k]
+  above = values > threshold
+  keep |= above
+  ties = np.flatnonzero(values == threshold)
+  keep[ties[:k - int(above.sum())]] = True
+  return keep
+
+
+def keep_fractions(mask: Any, group_by: GroupBy = None) -> dict[str, float]:
+  """Fraction of entries kept, per leaf or per group of leaves.
+
+  Args:
+    mask: a boolean pytree.
+    group_by: ``None`` for one entry per leaf; an int ``d`` to group leaves
+      by the first ``d`` parts of their path (``"params/encoder/layer_3"``
+      for ``d=3``); or a callable from the leaf's path name (``"a/b/c"``) to
+      a group name. Groups are weighted by their number of entries.
+
+  Returns:
+    ``{name: fraction}`` in leaf order.
+
+  Examples:
+    >>> import numpy as np
+    >>> from childtuning_jax import keep_fractions
+    >>> mask = {"layer_0": {"w": np.array([True, False]), "b": np.array([True])},
+    ...         "layer_1": {"w": np.array([False, False])}}
+    >>> keep_fractions(mask)
+    {'layer_0/b': 1.0, 'layer_0/w': 0.5, 'layer_1/w': 0.0}
+    >>> keep_fractions(mask, group_by=1)
+    {'layer_0': 0.666..., 'layer_1': 0.0}
+    >>> keep_fractions(mask, group_by=lambda name: "all")
+    {'all': 0.4}
+  """
+  if group_by is None:
+    group_of = lambda name: name
+  elif isinstance(group_by, int) and not isinstance(group_by, bool):
+    group_of = lambda name: "/".join(name.split("/")[:group_by])
+  elif callable(group_by):
+    group_of = group_by
+  else:
+    raise TypeError(f"group_by must be None, an int or a callable, got {group_by!r}.")
+  kept: dict[str, int] = defaultdict(int)
+  total: dict[str, int] = defaultdict(int)
+  for name, leaf in _trees.named_leaves(mask):
+    leaf = np.asarray(leaf)
+    group = group_of(name)
+    kept[group] += int(np.count_nonzero(leaf))
+    total[group] += leaf.size
+  return {group: kept[group] / total[group] if total[group] else 0.0 for group in total}
+
+
+def mask_jaccard(mask_a: Any, mask_b: Any) -> float:
+  """Jaccard overlap |A ∩ B| / |A ∪ B| of two masks of the same shapes (paper §4.5).
+
+  Two empty masks have overlap 1.
+
+  Examples:
+    >>> import numpy as np
+    >>> from childtuning_jax import mask_jaccard
+    >>> mask_jaccard({"w": np.array([True, True, False])}, {"w": np.array([True, False, True])})
+    0.333...
+  """
+  _trees.check_same_shapes(mask_a, mask_b, "mask_a", "mask_b")
+  intersection = union = 0
+  for a, b in zip(jax.tree.leaves(mask_a), jax.tree.leaves(mask_b)):
+    a, b = np.asarray(a, bool), np.asarray(b, bool)
+    intersection += int(np.count_nonzero(a & b))
+    union += int(np.count_nonzero(a | b))
+  return intersection / union if union else 1.0
+
+
+def save_mask(path: str | os.PathLike, mask: Any) -> None:
+  """Writes a boolean mask to a ``.npz`` file keyed by leaf path (``"params/bert/..."``).
+
+  Examples:
+    >>> import os, tempfile, numpy as np
+    >>> from childtuning_jax import save_mask, load_mask
+    >>> mask = {"w": np.array([True, False])}
+    >>> path = os.path.join(tempfile.mkdtemp(), "mask.npz")
+    >>> save_mask(path, mask)
+    >>> load_mask(path, like=mask)["w"]
+    array([ True, False])
+  """
+  _trees.check_bool_leaves(mask, "mask")
+  arrays = dict((name, np.asarray(leaf)) for name, leaf in _trees.named_leaves(mask))
+  if len(arrays) != len(jax.tree.leaves(mask)):
+    raise ValueError("two leaves of the mask have the same path name; cannot save it by name.")
+  with open(path, "wb") as file:
+    np.savez_compressed(file, **arrays)
+
+
+def load_mask(path: str | os.PathLike, like: Any) -> Any:
+  """Reads a mask written by :func:`save_mask` into the structure of ``like`` (e.g. the params).
+
+  Raises:
+    ValueError: if the file lacks a leaf of ``like``, has leaves ``like``
+      does not, or a leaf's shape differs; the message names the leaf.
+  """
+  with np.load(path) as data:
+    stored = {name: data[name] for name in data.files}
+  names = [name for name, _ in _trees.named_leaves(like)]
+  missing = [name for name in names if name not in stored]
+  extra = sorted(set(stored) - set(names))
+  if missing or extra:
+    raise ValueError(
+        f"mask file {os.fspath(path)} does not fit: missing leaves {missing[:5]}, "
+        f"unexpected leaves {extra[:5]}.")
+  mask = jax.tree.unflatten(jax.tree.structure(like), [stored[name] for name in names])
+  _trees.check_same_shapes(mask, like, f"mask file {os.fspath(path)}", "like")
+  _trees.check_bool_leaves(mask, f"mask file {os.fspath(path)}")
+  return mask
+

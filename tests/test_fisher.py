@@ -1,0 +1,190 @@
+"""Tests of estimate_fisher against brute-force loops."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from childtuning_jax import estimate_fisher
+
+NUM_CLASSES = 3
+
+
+def _init_params(seed=0):
+  rng = np.random.default_rng(seed)
+  return {"embed": jnp.asarray(rng.normal(size=(11, 4)), jnp.float32),
+          "hidden": {"kernel": jnp.asarray(rng.normal(size=(4, 5)), jnp.float32),
+                     "bias": jnp.asarray(rng.normal(size=5), jnp.float32)},
+          "head": jnp.asarray(rng.normal(size=(5, NUM_CLASSES)), jnp.float32)}
+
+
+def _logits(params, batch):
+  """A tiny text classifier: mean of token embeddings -> tanh layer -> logits."""
+  tokens = params["embed"][batch["tokens"]]  # [B, T, 4]
+  pooled = jnp.sum(tokens * batch["mask"][..., None], 1) / jnp.sum(batch["mask"], 1, keepdims=True)
+  hidden = jnp.tanh(pooled @ params["hidden"]["kernel"] + params["hidden"]["bias"])
+  return hidden @ params["head"]
+
+
+def _loss(params, batch):
+  log_probs = jax.nn.log_softmax(_logits(params, batch))
+  return -jnp.mean(jnp.take_along_axis(log_probs, batch["labels"][:, None], axis=1))
+
+
+def _data(sizes, seed=1):
+  rng = np.random.default_rng(seed)
+  batches = []
+  for n in sizes:
+    mask = (np.arange(6)[None, :] < rng.integers(1, 7, size=(n, 1))).astype(np.float32)
+    batches.append({"tokens": rng.integers(0, 11, size=(n, 6)).astype(np.int32), "mask": mask,
+                    "labels": rng.integers(0, NUM_CLASSES, size=n).astype(np.int32)})
+  return batches
+
+
+def _examples(batches):
+  for batch in batches:
+    for i in range(len(batch["labels"])):
+      yield jax.tree.map(lambda x: x[i:i + 1], batch)
+
+
+def _brute_force_fisher(params, batches):
+  """Eq. 10 by a Python loop: one jax.grad per example, squares summed in float64."""
+  total = jax.tree.map(lambda x: np.zeros(x.shape, np.float64), params)
+  n = 0
+  for example in _examples(batches):
+    grads = jax.grad(_loss)(params, example)
+    total = jax.tree.map(lambda t, g: t + np.asarray(g, np.float64) ** 2, total, grads)
+    n += 1
+  return jax.tree.map(lambda t: t / n, total)
+
+
+def _assert_trees_close(got, want, rtol=2e-5, atol=1e-9):
+  assert jax.tree.structure(got) == jax.tree.structure(want)
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    assert g.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(g), w, rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 4, 16])
+def test_per_example_fisher_matches_brute_force_loop_on_uneven_batches(chunk_size):
+  params = _init_params()
+  batches = _data([5, 3, 7, 1])
+  fisher = estimate_fisher(_loss, params, batches, chunk_size=chunk_size)
+  _assert_trees_close(fisher, _brute_force_fisher(params, batches))
+
+
+def test_per_example_fisher_is_not_the_squared_batch_gradient():
+  params = _init_params()
+  batches = _data([8])
+  per_example = estimate_fisher(_loss, params, batches, chunk_size=8)
+  batch_squared = estimate_fisher(_loss, params, batches, chunk_size=8, per_example=False)
+  assert not np.allclose(per_example["head"], batch_squared["head"], rtol=0.1)
+
+
+@pytest.mark.parametrize("chunk_size", [2, 16])
+def test_batch_gradient_option_matches_published_recipe(chunk_size):
+  # The published code: F = mean over batches of (gradient of the batch-mean loss)^2.
+  params = _init_params()
+  batches = _data([6, 4, 5])
+  total = jax.tree.map(lambda x: np.zeros(x.shape, np.float64), params)
+  for batch in batches:
+    grads = jax.grad(_loss)(params, batch)
+    total = jax.tree.map(lambda t, g: t + np.asarray(g, np.float64) ** 2, total, grads)
+  want = jax.tree.map(lambda t: t / len(batches), total)
+  got = estimate_fisher(_loss, params, batches, chunk_size=chunk_size, per_example=False)
+  _assert_trees_close(got, want)
+
+
+def test_one_compiled_function_serves_every_batch_size():
+  traces = []
+
+  def counting_loss(params, batch):
+    traces.append(1)  # runs only while tracing
+    return _loss(params, batch)
+
+  params = _init_params()
+  estimate_fisher(counting_loss, params, _data([4]), chunk_size=4)
+  one_batch = len(traces)
+  traces.clear()
+  estimate_fisher(counting_loss, params, _data([5, 3, 7, 1, 2, 9]), chunk_size=4)
+  assert len(traces) == one_batch
+
+
+def test_batches_can_be_any_iterable_read_once():
+  params = _init_params()
+  batches = _data([3, 3])
+  from_generator = estimate_fisher(_loss, params, (b for b in batches), chunk_size=4)
+  _assert_trees_close(from_generator, _brute_force_fisher(params, batches))
+
+
+def test_true_fisher_matches_expectation_over_model_predictions():
+  # E_y~p(y|x)[g_y^2] = sum_c p(c|x) g_c^2, estimated with one sampled label per example:
+  # repeat two examples 3000 times and compare with the exact expectation.
+  params = _init_params()
+  base = _data([2], seed=3)[0]
+  exact = jax.tree.map(lambda x: np.zeros(x.shape, np.float64), params)
+  for example in _examples([base]):
+    probs = np.asarray(jax.nn.softmax(_logits(params, example)))[0]
+    for c in range(NUM_CLASSES):
+      relabelled = {**example, "labels": np.array([c], np.int32)}
+      g = jax.grad(_loss)(params, relabelled)
+      exact = jax.tree.map(lambda t, x: t + probs[c] * np.asarray(x, np.float64) ** 2 / 2, exact, g)
+  repeated = [jax.tree.map(lambda x: np.concatenate([x] * 500), base)] * 6
+  got = estimate_fisher(_loss, params, repeated, chunk_size=200, fisher_type="true",
+                        logits_fn=_logits, key=0)
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(exact)):
+    np.testing.assert_allclose(g, w, rtol=0.1, atol=1e-3 * np.abs(w).max())
+  empirical = estimate_fisher(_loss, params, repeated, chunk_size=200)
+  assert not np.allclose(empirical["head"], exact["head"], rtol=0.1)
+
+
+def test_true_fisher_is_deterministic_given_key():
+  params = _init_params()
+  batches = _data([7])
+  run = lambda key: estimate_fisher(_loss, params, batches, chunk_size=4, fisher_type="true",
+                                    logits_fn=_logits, key=key)
+  np.testing.assert_array_equal(run(1)["head"], run(1)["head"])
+  assert not np.array_equal(run(1)["head"], run(2)["head"])
+
+
+def test_data_parallel_fisher_equals_single_device():
+  mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
+  params = jax.device_put(_init_params(), NamedSharding(mesh, P()))
+  batches = _data([9, 12, 4])
+  sharded = estimate_fisher(_loss, params, batches, chunk_size=8,
+                            data_sharding=NamedSharding(mesh, P("data")))
+  _assert_trees_close(sharded, _brute_force_fisher(_init_params(), batches))
+
+
+def test_empty_data_refused():
+  with pytest.raises(ValueError, match="no examples"):
+    estimate_fisher(_loss, _init_params(), [], chunk_size=4)
+  with pytest.raises(ValueError, match="no examples"):
+    estimate_fisher(_loss, _init_params(), _data([0]), chunk_size=4)
+
+
+def test_batch_with_mismatched_leading_sizes_refused():
+  bad = _data([4])[0]
+  bad["labels"] = bad["labels"][:3]
+  with pytest.raises(ValueError, match=r"batch 0: leaves have different batch sizes.*labels"):
+    estimate_fisher(_loss, _init_params(), [bad], chunk_size=4)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(chunk_size=0), "chunk_size"),
+    (dict(fisher_type="expected"), "fisher_type"),
+    (dict(fisher_type="true"), "logits_fn"),
+])
+def test_bad_options_refused(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    estimate_fisher(_loss, _init_params(), _data([2]), **kwargs)
+
+
+def test_bfloat16_params_give_float32_fisher():
+  params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), _init_params())
+  fisher = estimate_fisher(_loss, params, _data([3]), chunk_size=2)
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(fisher))
+  want = _brute_force_fisher(jax.tree.map(lambda x: x.astype(jnp.float32), params), _data([3]))
+  for g, w in zip(jax.tree.leaves(fisher), jax.tree.leaves(want)):
+    np.testing.assert_allclose(g, w, rtol=0.1, atol=1e-3)

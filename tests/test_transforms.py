@@ -1,0 +1,373 @@
+"""Tests of child_tuning_free, child_tuning_driven and child_tuning_adamw."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+from flax.core import FrozenDict
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from childtuning_jax import (
+    child_tuning_adamw,
+    child_tuning_driven,
+    child_tuning_free,
+    select_child_network,
+)
+
+
+def _params(seed=0):
+  """A small tree with awkward leaves: last axes not divisible by 4, a scalar, an empty one."""
+  rng = np.random.default_rng(seed)
+  shapes = {"dense": {"kernel": (16, 24), "bias": (24,)}, "odd": (5, 3), "scalar": (), "head": (7,),
+            "empty": (0, 4)}
+  return jax.tree.map(lambda s: jnp.asarray(rng.normal(size=s), jnp.float32), shapes,
+                      is_leaf=lambda x: isinstance(x, tuple))
+
+
+def _ones_like(tree, dtype=jnp.float32):
+  return jax.tree.map(lambda x: jnp.ones(x.shape, dtype), tree)
+
+
+def _update(tx, updates, state=None, params=None):
+  return tx.update(updates, tx.init(updates) if state is None else state, params)
+
+
+# --- Child-Tuning-F ---------------------------------------------------------------------------
+
+
+def test_free_reserve_one_is_exact_identity():
+  grads = _params()
+  updates, _ = _update(child_tuning_free(1.0), grads)
+  for got, want in zip(jax.tree.leaves(updates), jax.tree.leaves(grads)):
+    assert got.dtype == want.dtype
+    np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("p", [0.2, 0.3, 0.4])
+def test_free_kept_entries_scaled_by_exactly_one_over_p(p):
+  grads = {"w": jnp.asarray(np.random.default_rng(1).normal(size=(64, 256)), jnp.float32)}
+  updates, _ = _update(child_tuning_free(p, key=3), grads)
+  kept = np.asarray(updates["w"]) != 0
+  np.testing.assert_array_equal(np.asarray(updates["w"])[kept],
+                                np.asarray(grads["w"])[kept] * np.float32(1 / p))
+  assert 0 < kept.mean() < 1
+
+
+@pytest.mark.parametrize("p", [0.3, 0.1234])
+def test_free_keep_probability_is_within_1e4_of_p(p):
+  # 40M decisions: the standard error is ~7e-5, so a 16-bit mask (error <= 7.6e-6) passes and an
+  # 8-bit one (error up to 2e-3, 7.8e-4 for p=0.3) or a biased packing would fail.
+  tx = child_tuning_free(p, key=0)
+  grads = {"a": jnp.ones((1000, 2000)), "b": jnp.ones((2000, 1000))}
+  state = tx.init(grads)
+  step = jax.jit(tx.update)
+  kept = total = 0
+  by_lane = np.zeros(4)
+  for _ in range(10):
+    updates, state = step(grads, state)
+    for leaf in jax.tree.leaves(updates):
+      k = np.asarray(leaf) != 0
+      kept += k.sum()
+      total += k.size
+      by_lane += k.reshape(-1, 4).mean(axis=0) / 20
+  sigma = math.sqrt(p * (1 - p) / total)
+  assert abs(kept / total - p) < 1e-4 + 4 * sigma
+  # Each of the four 16-bit words taken from one hash keeps with probability p.
+  np.testing.assert_allclose(by_lane, p, atol=8 * math.sqrt(p * (1 - p) / (total / 4)))
+
+
+def test_free_decisions_are_independent_between_neighbours_leaves_and_steps():
+  p = 0.3
+  tx = child_tuning_free(p, key=5)
+  grads = {"a": jnp.ones((512, 512)), "b": jnp.ones((512, 512))}
+  u1, state = tx.update(grads, tx.init(grads))
+  u2, _ = tx.update(grads, state)
+  a1, b1, a2 = (np.asarray(x).ravel() != 0 for x in (u1["a"], u1["b"], u2["a"]))
+  tol = 5 * math.sqrt(p * p * (1 - p * p) / a1.size)
+  assert abs((a1 & b1).mean() - p * p) < tol  # leaves
+  assert abs((a1 & a2).mean() - p * p) < tol  # steps
+  for shift in (1, 2, 3, 4):  # words of one hash and of neighbouring hashes
+    assert abs((a1[:-shift] & a1[shift:]).mean() - p * p) < tol
+
+
+def test_free_is_unbiased_over_many_steps():
+  grads = {"w": jnp.linspace(-2.0, 3.0, 50)}
+  tx = child_tuning_free(0.25, key=11)
+
+  def body(state, _):
+    updates, state = tx.update(grads, state)
+    return state, updates["w"]
+
+  _, history = jax.lax.scan(body, tx.init(grads), None, length=20000)
+  mean = np.asarray(history).mean(axis=0)
+  # Per-entry std of one draw is |g| sqrt((1-p)/p) = 1.73|g|; over 20000 steps ~0.012 |g|.
+  np.testing.assert_allclose(mean, np.asarray(grads["w"]), atol=0.06 * np.abs(grads["w"]).max())
+
+
+def test_free_same_key_same_masks_different_key_different_masks():
+  grads = _params()
+  key_types = [7, jax.random.key(7), jax.random.PRNGKey(7)]
+  runs = [_update(child_tuning_free(0.3, key), grads)[0] for key in key_types]
+  for run in runs[1:]:
+    for a, b in zip(jax.tree.leaves(runs[0]), jax.tree.leaves(run)):
+      np.testing.assert_array_equal(a, b)
+  other = _update(child_tuning_free(0.3, 8), grads)[0]
+  assert not np.array_equal(runs[0]["dense"]["kernel"], other["dense"]["kernel"])
+
+
+def test_free_state_key_advances_every_update():
+  grads = {"w": jnp.ones((32, 32))}
+  tx = child_tuning_free(0.5)
+  u1, state = tx.update(grads, tx.init(grads))
+  u2, _ = tx.update(grads, state)
+  assert not np.array_equal(u1["w"], u2["w"])
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
+def test_free_keeps_dtype(dtype):
+  grads = jax.tree.map(lambda x: x.astype(dtype), _params())
+  updates, _ = _update(child_tuning_free(0.3), grads)
+  for got, want in zip(jax.tree.leaves(updates), jax.tree.leaves(grads)):
+    assert got.dtype == dtype
+    kept = np.asarray(got.astype(jnp.float32)) != 0
+    expected = (want * jnp.asarray(1 / 0.3, dtype)).astype(jnp.float32)
+    np.testing.assert_array_equal(np.asarray(got.astype(jnp.float32))[kept],
+                                  np.asarray(expected)[kept])
+
+
+def test_free_chain_under_jit_matches_eager():
+  params = _params()
+  grads = jax.tree.map(lambda x: 0.1 * x + 1.0, params)
+  tx = optax.chain(child_tuning_free(0.3), optax.adamw(2e-5))
+  eager = tx.update(grads, tx.init(params), params)
+  jitted = jax.jit(tx.update)(grads, jax.jit(tx.init)(params), params)
+  as_numbers = lambda tree: jax.tree.map(
+      lambda x: jax.random.key_data(x) if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key) else x,
+      tree)
+  for a, b in zip(jax.tree.leaves(as_numbers(eager)), jax.tree.leaves(as_numbers(jitted))):
+    np.testing.assert_allclose(a, b, rtol=1e-6)
+
+
+def test_free_with_typed_key_under_jit():
+  grads = _params()
+  tx = child_tuning_free(0.3, jax.random.key(0))
+  updates, state = jax.jit(tx.update)(grads, tx.init(grads))
+  assert jax.dtypes.issubdtype(state.rng_key.dtype, jax.dtypes.prng_key)
+  assert jax.tree.structure(updates) == jax.tree.structure(grads)
+
+
+def test_free_pmap_replicas_identical_and_equal_to_single_device():
+  n = jax.local_device_count()
+  assert n == 8, "conftest.py forces 8 CPU devices"
+  params = {"w": jnp.ones((8, 24)), "b": jnp.arange(6.0)}
+  grads = jax.tree.map(lambda x: x + 0.5, params)
+  tx = optax.chain(child_tuning_free(0.3, key=2), optax.adamw(1e-2))
+  state = tx.init(params)
+  replicate = lambda tree: jax.tree.map(lambda x: jnp.broadcast_to(x, (n,) + x.shape), tree)
+  step = jax.pmap(tx.update, axis_name="batch")
+  single = jax.jit(tx.update)
+  rep_state, one_state = replicate(state), state
+  for _ in range(3):
+    rep_updates, rep_state = step(replicate(grads), rep_state, replicate(params))
+    one_updates, one_state = single(grads, one_state, params)
+    for rep, one in zip(jax.tree.leaves(rep_updates), jax.tree.leaves(one_updates)):
+      for replica in range(n):
+        np.testing.assert_array_equal(rep[replica], one)
+
+
+def test_free_sharded_params_no_gather_and_same_masks():
+  mesh = jax.sharding.Mesh(np.array(jax.devices()).reshape(4, 2), ("data", "model"))
+  grads = {"kernel": jnp.asarray(np.random.default_rng(0).normal(size=(64, 128)), jnp.float32),
+           "bias": jnp.ones((128,)), "odd": jnp.ones((8, 6))}
+  specs = {"kernel": P("data", "model"), "bias": P("model"), "odd": P("data", None)}
+  sharded = jax.tree.map(lambda x, s: jax.device_put(x, NamedSharding(mesh, s)), grads, specs)
+  tx = child_tuning_free(0.3, key=4)
+  state = tx.init(grads)
+  step = jax.jit(tx.update)
+  hlo = step.lower(sharded, state).compile().as_text()
+  for collective in ("all-gather", "all-to-all", "collective-permute", "all-reduce"):
+    assert collective not in hlo, f"mask drawing introduced a {collective}"
+  got, _ = step(sharded, state)
+  want, _ = step(grads, state)
+  for name in grads:
+    assert got[name].sharding.is_equivalent_to(sharded[name].sharding, grads[name].ndim)
+    np.testing.assert_array_equal(got[name], want[name])
+
+
+@pytest.mark.parametrize("bad", [0.0, -0.1, 1.5, float("nan"), 1e-6])
+def test_free_refuses_reserve_p_out_of_range(bad):
+  with pytest.raises(ValueError, match="reserve_p"):
+    child_tuning_free(bad)
+
+
+@pytest.mark.parametrize("bad", ["0.3", None, True])
+def test_free_refuses_non_numeric_reserve_p(bad):
+  with pytest.raises(TypeError, match="reserve_p"):
+    child_tuning_free(bad)
+
+
+@pytest.mark.parametrize("bad", [1.5, "seed", np.zeros(3, np.float32)])
+def test_free_refuses_bad_key(bad):
+  with pytest.raises(TypeError, match="key"):
+    child_tuning_free(0.3, bad)
+
+
+# --- Child-Tuning-D ---------------------------------------------------------------------------
+
+
+def _random_mask(tree, p=0.3, seed=0):
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(lambda x: rng.random(x.shape) < p, tree)
+
+
+def test_driven_zeros_outside_and_keeps_inside_exactly():
+  grads = _params()
+  mask = _random_mask(grads)
+  updates, _ = _update(child_tuning_driven(mask), grads)
+  for got, want, keep in zip(*(jax.tree.leaves(t) for t in (updates, grads, mask))):
+    np.testing.assert_array_equal(got, np.where(keep, want, 0.0))
+    assert not np.signbit(np.asarray(got)[~keep]).any(), "outside entries must be +0.0"
+
+
+def test_driven_sandwich_freezes_non_child_weights_bit_identically_under_weight_decay():
+  params = _params()
+  mask = _random_mask(params, 0.2)
+  tx = optax.chain(child_tuning_driven(mask), optax.adamw(1e-2, weight_decay=0.1),
+                   child_tuning_driven(mask))
+  state = tx.init(params)
+  loss = lambda p: sum(jnp.sum(jnp.sin(x) * x) for x in jax.tree.leaves(p))
+
+  @jax.jit
+  def step(p, s):
+    updates, s = tx.update(jax.grad(loss)(p), s, p)
+    return optax.apply_updates(p, updates), s
+
+  new = params
+  for _ in range(5):
+    new, state = step(new, state)
+  moved = 0
+  for before, after, keep in zip(*(jax.tree.leaves(t) for t in (params, new, mask))):
+    before, after = np.asarray(before), np.asarray(after)
+    np.testing.assert_array_equal(after[~keep], before[~keep])  # bit-identical
+    moved += np.count_nonzero(after[keep] != before[keep])
+  assert moved == sum(int(np.count_nonzero(m)) for m in jax.tree.leaves(mask))
+
+
+def test_driven_before_adamw_only_lets_weight_decay_shrink_frozen_weights():
+  # The published code's placement: what the sandwich above protects against.
+  params = {"w": jnp.ones(4)}
+  mask = {"w": np.array([True, False, False, False])}
+  tx = optax.chain(child_tuning_driven(mask), optax.adamw(1e-1, weight_decay=0.1))
+  updates, _ = tx.update({"w": jnp.ones(4)}, tx.init(params), params)
+  assert np.all(np.asarray(updates["w"])[1:] < 0)
+
+
+def test_child_tuning_adamw_builds_the_same_chains():
+  params = _params()
+  grads = jax.tree.map(lambda x: jnp.cos(x), params)
+  mask = _random_mask(params)
+  pairs = [
+      (child_tuning_adamw(1e-3, reserve_p=0.3, key=1, weight_decay=0.01),
+       optax.chain(child_tuning_free(0.3, 1), optax.adamw(1e-3, eps=1e-6, weight_decay=0.01))),
+      (child_tuning_adamw(1e-3, mode="driven", mask=mask, weight_decay=0.01),
+       optax.chain(child_tuning_driven(mask), optax.adamw(1e-3, eps=1e-6, weight_decay=0.01),
+                   child_tuning_driven(mask))),
+  ]
+  for alias, chain in pairs:
+    a, _ = alias.update(grads, alias.init(params), params)
+    b, _ = chain.update(grads, chain.init(params), params)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+      np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(), "needs reserve_p"),
+    (dict(mode="driven"), "needs mask"),
+    (dict(mode="driven", mask={"w": np.ones(2, bool)}, reserve_p=0.2), "only used by mode='free'"),
+    (dict(reserve_p=0.3, mask={"w": np.ones(2, bool)}), "mask= is for mode='driven'"),
+    (dict(mode="Free", reserve_p=0.3), "mode must be"),
+])
+def test_child_tuning_adamw_refuses_inconsistent_arguments(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    child_tuning_adamw(1e-3, **kwargs)
+
+
+def test_driven_mask_with_missing_leaf_refused_at_init_naming_it():
+  params = _params()
+  mask = _random_mask(params)
+  del mask["dense"]["bias"]
+  tx = child_tuning_driven(mask)
+  with pytest.raises(ValueError, match="dense/bias"):
+    tx.init(params)
+
+
+def test_driven_mask_with_wrong_shape_refused_at_init_naming_it():
+  params = _params()
+  mask = _random_mask(params)
+  mask["dense"]["kernel"] = mask["dense"]["kernel"].T
+  with pytest.raises(ValueError, match=r"dense/kernel.*\(24, 16\).*\(16, 24\)"):
+    child_tuning_driven(mask).init(params)
+
+
+def test_driven_mask_with_wrong_dtype_refused_naming_it():
+  params = _params()
+  mask = _random_mask(params)
+  mask["odd"] = mask["odd"].astype(np.float32)
+  with pytest.raises(TypeError, match="'odd' must be a boolean array, got float32"):
+    child_tuning_driven(mask)
+
+
+def test_driven_works_with_frozendict_and_lists():
+  params = FrozenDict({"layers": [jnp.ones((2, 3)), jnp.ones(3)]})
+  mask = FrozenDict({"layers": [np.array([[True, False, True]] * 2), np.array([False] * 3)]})
+  updates, _ = _update(child_tuning_driven(mask), params)
+  np.testing.assert_array_equal(updates["layers"][0], [[1, 0, 1]] * 2)
+  np.testing.assert_array_equal(updates["layers"][1], [0, 0, 0])
+
+
+# --- flax.nnx ---------------------------------------------------------------------------------
+
+
+class _MLP(nnx.Module):
+  def __init__(self, rngs):
+    self.hidden = nnx.Linear(4, 8, rngs=rngs)
+    self.out = nnx.Linear(8, 2, rngs=rngs)
+
+  def __call__(self, x):
+    return self.out(nnx.relu(self.hidden(x)))
+
+
+def _nnx_loss(model, x):
+  return jnp.mean(model(x) ** 2)
+
+
+@pytest.mark.parametrize("mode", ["free", "driven"])
+def test_transforms_work_through_nnx_optimizer(mode):
+  model = _MLP(nnx.Rngs(0))
+  before = jax.tree.map(np.asarray, nnx.state(model, nnx.Param))
+  mask = None
+  if mode == "driven":
+    scores = jax.tree.map(lambda x: jnp.abs(x), nnx.state(model, nnx.Param))
+    mask = select_child_network(scores, 0.3)
+  tx = (child_tuning_adamw(1e-2, reserve_p=0.3, weight_decay=0.1) if mode == "free"
+        else child_tuning_adamw(1e-2, mode="driven", mask=mask, weight_decay=0.1))
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+  x = jnp.ones((3, 4))
+
+  @nnx.jit
+  def step(model, optimizer):
+    grads = nnx.grad(_nnx_loss)(model, x)
+    optimizer.update(model, grads)
+
+  for _ in range(3):
+    step(model, optimizer)
+  after = nnx.state(model, nnx.Param)
+  changed = [np.asarray(a) != b for a, b in zip(jax.tree.leaves(after), jax.tree.leaves(before))]
+  assert any(c.any() for c in changed)
+  if mode == "driven":
+    for c, keep in zip(changed, jax.tree.leaves(mask)):
+      assert not (c & ~keep).any()
