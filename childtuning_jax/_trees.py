@@ -106,3 +106,21 @@ def check_reserve_p(reserve_p: float) -> float:
   if not 0.0 < float(reserve_p) <= 1.0:
     raise ValueError(f"reserve_p must be in (0, 1], got {reserve_p}.")
   return float(reserve_p)
+
+
+def canonicalize_key(key: jax.Array | int) -> jax.Array:
+  """An int seed, a typed key or a raw ``uint32`` key -> a typed PRNG key."""
+  if isinstance(key, (int, np.integer)) and not isinstance(key, bool):
+    return jax.random.key(int(key))
+  if isinstance(key, (jax.Array, np.ndarray)):
+    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+      if key.shape:
+        raise ValueError(f"key must be a single PRNG key, got a key array of shape {key.shape}.")
+      return key
+    if key.dtype == jnp.uint32 and key.ndim == 1:
+      return jax.random.wrap_key_data(key)
+  raise TypeError(
+      "key must be an int seed, a typed key (jax.random.key) or a raw uint32 key "
+      f"(jax.random.PRNGKey); got {type(key).__name__} "
+      f"{getattr(key, 'dtype', '')}{getattr(key, 'shape', '')}."
+  )

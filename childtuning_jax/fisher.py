@@ -8,6 +8,7 @@ mini-batch gradients instead; that estimator is available as
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Iterable, Iterator, Literal
 
 import jax
@@ -110,36 +111,12 @@ def estimate_fisher(
     raise ValueError(
         f"chunk_size={chunk_size} must be divisible by the {data_sharding.num_devices} "
         "devices of data_sharding.")
-  base_key = jax.random.key(key) if isinstance(key, (int, np.integer)) else key
-
-  def example_loss(p, example, example_key):
-    batch = jax.tree.map(lambda x: x[None], example)
-    if fisher_type == "true":
-      logits = jax.lax.stop_gradient(logits_fn(p, batch))
-      sampled = jax.random.categorical(example_key, logits, axis=-1)
-      batch = {**batch, label_key: sampled.astype(batch[label_key].dtype)}
-    return loss_fn(p, batch)
-
-  def example_keys(chunk_index, n):
-    return jax.random.split(jax.random.fold_in(base_key, chunk_index), n)
-
-  @jax.jit
-  def add_squared_example_grads(total, p, chunk, weights, chunk_index):
-    keys = example_keys(chunk_index, weights.shape[0])
-    grads = jax.vmap(jax.grad(example_loss), in_axes=(None, 0, 0))(p, chunk, keys)
-    return jax.tree.map(
-        lambda t, g: t + jnp.einsum("b,b...->...", weights, jnp.square(g.astype(jnp.float32))),
-        total, grads)
-
-  @jax.jit
-  def weighted_grad_sum(p, chunk, weights, chunk_index):
-    keys = example_keys(chunk_index, weights.shape[0])
-
-    def weighted_loss(q):
-      losses = jax.vmap(example_loss, in_axes=(None, 0, 0))(q, chunk, keys)
-      return jnp.sum(weights * losses)
-
-    return jax.tree.map(lambda g: g.astype(jnp.float32), jax.grad(weighted_loss)(p))
+  base_key = _trees.canonicalize_key(key)
+  try:
+    functions = _cached_chunk_functions(loss_fn, fisher_type, logits_fn, label_key)
+  except TypeError:  # an unhashable loss_fn: build them afresh
+    functions = _chunk_functions(loss_fn, fisher_type, logits_fn, label_key)
+  add_squared_example_grads, weighted_grad_sum = functions
 
   zeros = lambda: jax.tree.map(lambda x: jnp.zeros(jnp.shape(x), jnp.float32), params)
   total = zeros()
@@ -152,9 +129,9 @@ def estimate_fisher(
     if data_sharding is not None:
       chunk, weights = jax.device_put((chunk, weights), data_sharding)
     if per_example:
-      total = add_squared_example_grads(total, params, chunk, weights, chunk_index)
+      total = add_squared_example_grads(total, params, chunk, weights, base_key, chunk_index)
     else:
-      grad_sum = weighted_grad_sum(params, chunk, weights, chunk_index)
+      grad_sum = weighted_grad_sum(params, chunk, weights, base_key, chunk_index)
       batch_grad = jax.tree.map(jnp.add, batch_grad, grad_sum)
       batch_examples += num_valid
       if ends_batch:
@@ -169,6 +146,45 @@ def estimate_fisher(
     raise ValueError("estimate_fisher got no examples: batches is empty.")
   denominator = num_examples if per_example else num_batches
   return jax.tree.map(lambda t: t / denominator, total)
+
+
+def _chunk_functions(loss_fn, fisher_type, logits_fn, label_key):
+  """The two jitted per-chunk computations."""
+
+  def example_loss(params, example, example_key):
+    batch = jax.tree.map(lambda x: x[None], example)
+    if fisher_type == "true":
+      logits = jax.lax.stop_gradient(logits_fn(params, batch))
+      sampled = jax.random.categorical(example_key, logits, axis=-1)
+      batch = {**batch, label_key: sampled.astype(batch[label_key].dtype)}
+    return loss_fn(params, batch)
+
+  def example_keys(base_key, chunk_index, n):
+    return jax.random.split(jax.random.fold_in(base_key, chunk_index), n)
+
+  @functools.partial(jax.jit, donate_argnums=0)
+  def add_squared_example_grads(total, params, chunk, weights, base_key, chunk_index):
+    keys = example_keys(base_key, chunk_index, weights.shape[0])
+    grads = jax.vmap(jax.grad(example_loss), in_axes=(None, 0, 0))(params, chunk, keys)
+    return jax.tree.map(
+        lambda t, g: t + jnp.einsum("b,b...->...", weights, jnp.square(g.astype(jnp.float32))),
+        total, grads)
+
+  @jax.jit
+  def weighted_grad_sum(params, chunk, weights, base_key, chunk_index):
+    keys = example_keys(base_key, chunk_index, weights.shape[0])
+
+    def weighted_loss(p):
+      losses = jax.vmap(example_loss, in_axes=(None, 0, 0))(p, chunk, keys)
+      return jnp.sum(weights * losses)
+
+    return jax.tree.map(lambda g: g.astype(jnp.float32), jax.grad(weighted_loss)(params))
+
+  return add_squared_example_grads, weighted_grad_sum
+
+
+# Cached so that repeated calls with the same loss_fn do not compile again.
+_cached_chunk_functions = functools.lru_cache(maxsize=16)(_chunk_functions)
 
 
 def _padded_chunks(batches: Iterable[Any], chunk_size: int,

@@ -23,7 +23,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from jax import lax
-from jax.extend.random import threefry2x32_p
 
 from childtuning_jax import _trees
 
@@ -47,24 +46,6 @@ class ChildTuningDrivenState(NamedTuple):
   mask: Any
 
 
-def _canonicalize_key(key: jax.Array | int) -> jax.Array:
-  """An int seed, a typed key or a raw ``uint32`` key -> a typed PRNG key."""
-  if isinstance(key, (int, np.integer)) and not isinstance(key, bool):
-    return jax.random.key(int(key))
-  if isinstance(key, (jax.Array, np.ndarray)):
-    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
-      if key.shape:
-        raise ValueError(f"key must be a single PRNG key, got a key array of shape {key.shape}.")
-      return key
-    if key.dtype == jnp.uint32 and key.ndim == 1:
-      return jax.random.wrap_key_data(key)
-  raise TypeError(
-      "key must be an int seed, a typed key (jax.random.key) or a raw uint32 key "
-      f"(jax.random.PRNGKey); got {type(key).__name__} "
-      f"{getattr(key, 'dtype', '')}{getattr(key, 'shape', '')}."
-  )
-
-
 def _linear_index(shape: tuple[int, ...]) -> jax.Array:
   """Row-major position of every element, built from iotas so it stays sharded."""
   index = jnp.zeros(shape, jnp.uint32)
@@ -75,25 +56,49 @@ def _linear_index(shape: tuple[int, ...]) -> jax.Array:
   return index
 
 
+# Threefry-2x32 rotation constants (Salmon et al., 2011), as in jax.random.
+_THREEFRY_ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
+
+
+def _threefry2x32(k1: jax.Array, k2: jax.Array, x1: jax.Array, x2: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Threefry-2x32 with 20 rounds, bit-identical to ``jax.extend.random.threefry2x32_p``.
+
+  Written out round by round so that XLA fuses it into one elementwise loop:
+  on CPU the primitive's lowering runs several passes over memory and is
+  5-7x slower for the millions of counters of a mask.
+  """
+  ks = (k1, k2, k1 ^ k2 ^ jnp.uint32(0x1BD11BDA))
+  x1, x2 = x1 + ks[0], x2 + ks[1]
+  for i in range(5):
+    for r in _THREEFRY_ROTATIONS[i % 2]:
+      x1 = x1 + x2
+      x2 = x1 ^ ((x2 << jnp.uint32(r)) | (x2 >> jnp.uint32(32 - r)))
+    x1 = x1 + ks[(i + 1) % 3]
+    x2 = x2 + ks[(i + 2) % 3] + jnp.uint32(i + 1)
+  return x1, x2
+
+
 def _random_uint16(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
   """Uniform 16-bit integers of ``shape``, four per Threefry hash.
 
   ``jax.random.bits`` spends one Threefry-2x32 hash (64 random bits) on every
   element whatever the dtype asked for. Here each hash of the counter
   ``(position, 0)`` is split into four 16-bit words laid out along the last
-  axis, which quarters the hashing work -- the dominant cost of drawing a
-  mask. Only elementwise ops and iotas are used, so under ``jit`` with
-  sharded updates every device draws the bits of its own shard, and the bits
-  do not depend on how the array is sharded.
+  axis, which quarters the hashing work, the dominant cost of drawing a
+  mask. (Leaves whose last axis is not a multiple of four, usually small
+  biases and heads, take one hash per element.) Only elementwise ops and
+  iotas are used, so under ``jit`` with sharded updates every device draws
+  the bits of its own shard, and the bits do not depend on the sharding.
   """
-  if not shape or shape[-1] % _DECISIONS_PER_HASH:
-    return jax.random.bits(key, shape, jnp.uint16)
-  hashed_shape = shape[:-1] + (shape[-1] // _DECISIONS_PER_HASH,)
+  packed = bool(shape) and shape[-1] % _DECISIONS_PER_HASH == 0
+  hashed_shape = shape[:-1] + (shape[-1] // _DECISIONS_PER_HASH,) if packed else shape
   if np.prod(hashed_shape, dtype=np.int64) >= 2**32:
     raise ValueError(f"a leaf of shape {shape} is too large for a 32-bit counter.")
   k1, k2 = jax.random.bits(key, (2,), jnp.uint32)
   counter = _linear_index(hashed_shape)
-  hi, lo = threefry2x32_p.bind(k1, k2, counter, jnp.zeros_like(counter))
+  hi, lo = _threefry2x32(k1, k2, counter, jnp.zeros_like(counter))
+  if not packed:
+    return (hi & jnp.uint32(0xFFFF)).astype(jnp.uint16)
   words = jnp.stack([hi, lo], axis=-1)  # (..., n/4, 2) uint32
   return lax.bitcast_convert_type(words, jnp.uint16).reshape(shape)
 
@@ -146,7 +151,7 @@ def child_tuning_free(reserve_p: float, key: jax.Array | int = 0) -> optax.Gradi
   threshold = round(reserve_p * _MASK_LEVELS)
   if threshold == 0:
     raise ValueError(f"reserve_p={reserve_p} is below the mask's resolution of 2**-16.")
-  canonical_key = _canonicalize_key(key)
+  canonical_key = _trees.canonicalize_key(key)
 
   def init_fn(params):
     del params

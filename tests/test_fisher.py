@@ -96,19 +96,29 @@ def test_batch_gradient_option_matches_published_recipe(chunk_size):
   _assert_trees_close(got, want)
 
 
-def test_one_compiled_function_serves_every_batch_size():
-  traces = []
-
-  def counting_loss(params, batch):
+def _counting_loss(traces):
+  def loss(params, batch):
     traces.append(1)  # runs only while tracing
     return _loss(params, batch)
+  return loss
 
+
+def test_one_compiled_function_serves_every_batch_size():
   params = _init_params()
-  estimate_fisher(counting_loss, params, _data([4]), chunk_size=4)
-  one_batch = len(traces)
-  traces.clear()
-  estimate_fisher(counting_loss, params, _data([5, 3, 7, 1, 2, 9]), chunk_size=4)
-  assert len(traces) == one_batch
+  one_batch, uneven = [], []
+  estimate_fisher(_counting_loss(one_batch), params, _data([4]), chunk_size=4)
+  estimate_fisher(_counting_loss(uneven), params, _data([5, 3, 7, 1, 2, 9]), chunk_size=4)
+  assert len(uneven) == len(one_batch) > 0
+
+
+def test_repeated_calls_with_the_same_loss_do_not_retrace():
+  traces = []
+  loss = _counting_loss(traces)
+  first = estimate_fisher(loss, _init_params(), _data([5]), chunk_size=4)
+  count = len(traces)
+  second = estimate_fisher(loss, _init_params(), _data([5]), chunk_size=4)
+  assert len(traces) == count
+  np.testing.assert_array_equal(first["head"], second["head"])
 
 
 def test_batches_can_be_any_iterable_read_once():

@@ -39,6 +39,18 @@ def _update(tx, updates, state=None, params=None):
 # --- Child-Tuning-F ---------------------------------------------------------------------------
 
 
+def test_unrolled_threefry_is_bit_identical_to_jax_primitive():
+  from jax.extend.random import threefry2x32_p
+  from childtuning_jax.transforms import _threefry2x32
+
+  rng = np.random.default_rng(0)
+  k1, k2 = (jnp.uint32(v) for v in rng.integers(0, 2**32, 2))
+  x1, x2 = (jnp.asarray(rng.integers(0, 2**32, 1000), jnp.uint32) for _ in range(2))
+  for got, want in zip(_threefry2x32(k1, k2, x1, x2), threefry2x32_p.bind(k1, k2, x1, x2)):
+    np.testing.assert_array_equal(got, want)
+
+
+
 def test_free_reserve_one_is_exact_identity():
   grads = _params()
   updates, _ = _update(child_tuning_free(1.0), grads)

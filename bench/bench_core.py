@@ -1,0 +1,264 @@
+"""Speed of the core library: CT-F/CT-D optimizer updates, training steps, the Fisher pass.
+
+Every ratio is taken side by side in one process, the variants alternating
+(A, B, C, A, B, C, ...), and each time is the median of the repetitions.
+Peak memory is the peak resident set size (VmHWM) of a separate process
+that runs only that workload. Writes bench/results/core_<backend>.json and the
+matching section of BENCHMARKS.md.
+
+Run: python bench/bench_core.py            (about 15 minutes on 2 CPU cores)
+     python bench/bench_core.py --quick    (fewer repetitions, no BENCHMARKS.md update)
+"""
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _encoder import BERT_BASE, MINILM_L6, classification_loss, init_params  # noqa: E402
+
+from childtuning_jax import (  # noqa: E402
+    child_tuning_driven,
+    child_tuning_free,
+    estimate_fisher,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+BATCH, SEQ_LEN, RESERVE_P = 32, 128, 0.3
+
+
+def naive_child_tuning_free(reserve_p, key=0):
+  """The straightforward CT-F: jax.random.bernoulli per leaf (for comparison only)."""
+
+  def init_fn(params):
+    del params
+    return jax.random.key(key)
+
+  def update_fn(updates, state, params=None):
+    del params
+    state, sub = jax.random.split(state)
+    keys = optax.tree_utils.tree_split_key_like(sub, updates)
+    updates = jax.tree.map(
+        lambda k, u: jnp.where(jax.random.bernoulli(k, reserve_p, u.shape), u / reserve_p, 0),
+        keys, updates)
+    return updates, state
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def adamw():
+  return optax.adamw(2e-5, eps=1e-6, weight_decay=0.01)
+
+
+def random_mask(params, p=RESERVE_P):
+  rng = np.random.default_rng(0)
+  return jax.tree.map(lambda x: rng.random(x.shape) < p, params)
+
+
+def alternating_medians(fns, reps):
+  """{name: median seconds}, calling fns[name]() in turn, after one warm-up call each."""
+  for fn in fns.values():
+    jax.block_until_ready(fn())
+  times = {name: [] for name in fns}
+  for _ in range(reps):
+    for name, fn in fns.items():
+      start = time.perf_counter()
+      jax.block_until_ready(fn())
+      times[name].append(time.perf_counter() - start)
+  return {name: float(np.median(t)) for name, t in times.items()}
+
+
+def fake_batch(config, seed=0):
+  rng = np.random.default_rng(seed)
+  lengths = rng.integers(SEQ_LEN // 2, SEQ_LEN + 1, BATCH)
+  return {"input_ids": rng.integers(1, config.vocab_size, (BATCH, SEQ_LEN)).astype(np.int32),
+          "attention_mask": (np.arange(SEQ_LEN)[None] < lengths[:, None]).astype(np.int32),
+          "labels": rng.integers(0, config.num_labels, BATCH).astype(np.int32)}
+
+
+def bench_update(config, reps):
+  """Optimizer update alone (no model), on the parameter tree of `config`."""
+  _, params = init_params(config)
+  grads = jax.tree.map(lambda x: 1e-3 * jnp.ones_like(x), params)
+  mask = random_mask(params)
+  variants = {
+      "adamw": adamw(),
+      "CT-F + adamw": optax.chain(child_tuning_free(RESERVE_P), adamw()),
+      "naive CT-F + adamw": optax.chain(naive_child_tuning_free(RESERVE_P), adamw()),
+      "CT-D + adamw + CT-D": optax.chain(child_tuning_driven(mask), adamw(),
+                                         child_tuning_driven(mask)),
+      "CT-F mask alone": child_tuning_free(RESERVE_P),
+      "naive CT-F mask alone": naive_child_tuning_free(RESERVE_P),
+  }
+  fns = {}
+  for name, tx in variants.items():
+    update = jax.jit(tx.update)
+    state = tx.init(params)
+    fns[name] = lambda update=update, state=state: update(grads, state, params)
+  return alternating_medians(fns, reps)
+
+
+def make_train_step(model, tx):
+  def step(params, opt_state, batch, dropout_key):
+    loss, grads = jax.value_and_grad(
+        lambda p: classification_loss(model, p, batch, dropout_key))(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+  return jax.jit(step)
+
+
+def train_transforms(params):
+  """vanilla / CT-F / CT-D as the trainer builds them: clipping first, then the mask."""
+  clip = optax.clip_by_global_norm(1.0)
+  mask = random_mask(params)
+  return {
+      "vanilla": optax.chain(clip, adamw()),
+      "CT-F": optax.chain(clip, child_tuning_free(RESERVE_P), adamw()),
+      "CT-D": optax.chain(clip, child_tuning_driven(mask), adamw(), child_tuning_driven(mask)),
+  }
+
+
+def bench_train_step(config, reps):
+  model, params = init_params(config)
+  batch = jax.device_put(fake_batch(config))
+  key = jax.random.key(1)
+  fns = {}
+  for name, tx in train_transforms(params).items():
+    step, state = make_train_step(model, tx), tx.init(params)
+    fns[name] = lambda step=step, state=state: step(params, state, batch, key)
+  return alternating_medians(fns, reps)
+
+
+def bench_fisher(config, reps):
+  """Per-example Fisher over one batch vs one batched forward+backward on the same batch."""
+  model, params = init_params(config)
+  batch = fake_batch(config)
+  loss = lambda p, b: classification_loss(model, p, b)
+  batched_grad = jax.jit(jax.grad(loss))
+  device_batch = jax.device_put(batch)
+  fns = {
+      "batched forward+backward": lambda: batched_grad(params, device_batch),
+      "per-example Fisher": lambda: estimate_fisher(loss, params, [batch], chunk_size=BATCH),
+      "batch-gradient Fisher (published recipe)":
+          lambda: estimate_fisher(loss, params, [batch], chunk_size=BATCH, per_example=False),
+  }
+  return alternating_medians(fns, reps)
+
+
+def run_workload(name):
+  """Runs one workload twice in this process and returns its peak RSS in MiB."""
+  model, params = init_params(MINILM_L6)
+  batch = fake_batch(MINILM_L6)
+  if name == "train step (CT-F)":
+    tx = train_transforms(params)["CT-F"]
+    step, state = make_train_step(model, tx), tx.init(params)
+    for _ in range(2):
+      params, state, _ = jax.block_until_ready(step(params, state, batch, jax.random.key(0)))
+  elif name == "per-example Fisher":
+    for _ in range(2):
+      jax.block_until_ready(estimate_fisher(
+          lambda p, b: classification_loss(model, p, b), params, [batch], chunk_size=BATCH))
+  else:
+    raise ValueError(name)
+  # VmHWM, not ru_maxrss: the latter keeps the high-water mark of the parent across fork/exec.
+  status = Path("/proc/self/status").read_text()
+  return int(next(l.split()[1] for l in status.splitlines() if l.startswith("VmHWM"))) / 1024
+
+
+def peak_memory():
+  result = {}
+  for name in ("train step (CT-F)", "per-example Fisher"):
+    out = subprocess.run([sys.executable, __file__, "--workload", name], check=True,
+                         capture_output=True, text=True).stdout
+    result[name] = float(out.strip().splitlines()[-1])
+  return result
+
+
+def machine():
+  cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+              if line.startswith("model name")), platform.processor())
+  return {"cpu": cpu, "cores": os.cpu_count(), "backend": jax.default_backend(),
+          "devices": len(jax.devices()), "jax": jax.__version__, "optax": optax.__version__,
+          "python": platform.python_version()}
+
+
+def render(results):
+  m = results["machine"]
+  lines = [f"Measured on {m['cpu']}, {m['cores']} cores, JAX {m['jax']} on {m['backend']}, "
+           f"optax {m['optax']}. Command: `{results['command']}` ({results['wall_minutes']:.1f} min). "
+           "Medians of alternating repetitions; ratios are against the first row of each table.", ""]
+  for title, key in (("Optimizer update alone, all-MiniLM-L6 tree (22.7M parameters)", "update_minilm"),
+                     ("Optimizer update alone, BERT-base tree (109M parameters)", "update_bert_base"),
+                     (f"Full training step, MiniLM-L6-shaped encoder, batch {BATCH} × {SEQ_LEN} tokens, "
+                      "dropout on, clip 1.0", "train_step"),
+                     (f"Fisher information over {BATCH} examples × {SEQ_LEN} tokens, MiniLM-L6-shaped "
+                      "encoder", "fisher")):
+    times = results[key]
+    base = next(iter(times.values()))
+    lines += [f"### {title}", "", "| variant | median | ratio |", "| --- | ---: | ---: |"]
+    lines += [f"| {name} | {t * 1e3:.1f} ms | {t / base:.2f}× |" for name, t in times.items()]
+    if key == "fisher":
+      per_ex = times["per-example Fisher"] / BATCH
+      lines += ["", f"Per-example Fisher: {per_ex * 1e3:.1f} ms per example."]
+    lines.append("")
+  mem = results["peak_memory_mib"]
+  lines += ["### Peak memory (resident set of a process running only that workload, MiniLM-L6)", "",
+            "| workload | peak RSS | ratio |", "| --- | ---: | ---: |"]
+  base = next(iter(mem.values()))
+  lines += [f"| {name} | {v:.0f} MiB | {v / base:.2f}× |" for name, v in mem.items()]
+  return "\n".join(lines) + "\n"
+
+
+def update_benchmarks_md(section, backend):
+  path = ROOT / "BENCHMARKS.md"
+  start, end = f"<!-- bench_core:{backend}:start -->", f"<!-- bench_core:{backend}:end -->"
+  text = path.read_text() if path.exists() else "# Benchmarks\n"
+  block = f"{start}\n{section}{end}"
+  if start in text:
+    text = text[:text.index(start)] + block + text[text.index(end) + len(end):]
+  else:
+    text = text.rstrip("\n") + f"\n\n## Core library ({backend})\n\n{block}\n"
+  path.write_text(text)
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+  parser.add_argument("--quick", action="store_true", help="few repetitions; print only")
+  parser.add_argument("--workload", help=argparse.SUPPRESS)
+  args = parser.parse_args()
+  if args.workload:
+    print(run_workload(args.workload))
+    return
+  reps = 3 if args.quick else 15
+  start = time.time()
+  results = {"machine": machine(),
+             "command": "python bench/bench_core.py" + (" --quick" if args.quick else "")}
+  for key, fn in (("update_minilm", lambda: bench_update(MINILM_L6, reps)),
+                  ("update_bert_base", lambda: bench_update(BERT_BASE, reps)),
+                  ("train_step", lambda: bench_train_step(MINILM_L6, max(3, reps // 2))),
+                  ("fisher", lambda: bench_fisher(MINILM_L6, max(3, reps // 3))),
+                  ("peak_memory_mib", peak_memory)):
+    results[key] = fn()
+    print(key, json.dumps(results[key], indent=1), flush=True)
+  results["wall_minutes"] = (time.time() - start) / 60
+  section = render(results)
+  print(section)
+  if not args.quick:
+    out = ROOT / "bench" / "results" / f"core_{jax.default_backend()}.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps(results, indent=1) + "\n")
+    update_benchmarks_md(section, jax.default_backend())
+
+
+if __name__ == "__main__":
+  main()
