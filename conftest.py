@@ -1,4 +1,5 @@
-"""Test set-up: 8 CPU devices, so data-parallel and sharded code paths run on one machine."""
+"""Test set-up: 8 CPU devices, so data-parallel and sharded code paths run on one machine;
+no test reaches for the Hugging Face Hub."""
 
 import os
 
@@ -6,3 +7,7 @@ import os
 _FLAG = "--xla_force_host_platform_device_count=8"
 if _FLAG not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FLAG).strip()
+
+# Tests use local files only; offline, a Hub name fails at once instead of after retries.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")

@@ -37,8 +37,8 @@ ROOT = Path(__file__).resolve().parent.parent
 BATCH, SEQ_LEN, RESERVE_P = 32, 128, 0.3
 
 
-def naive_child_tuning_free(reserve_p, key=0):
-  """The straightforward CT-F: jax.random.bernoulli per leaf (for comparison only)."""
+def _masking_transform(reserve_p, keep_fn, key=0):
+  """CT-F with another way of drawing the keep decisions (for comparison only)."""
 
   def init_fn(params):
     del params
@@ -49,11 +49,33 @@ def naive_child_tuning_free(reserve_p, key=0):
     state, sub = jax.random.split(state)
     keys = optax.tree_utils.tree_split_key_like(sub, updates)
     updates = jax.tree.map(
-        lambda k, u: jnp.where(jax.random.bernoulli(k, reserve_p, u.shape), u / reserve_p, 0),
-        keys, updates)
+        lambda k, u: jnp.where(keep_fn(k, u.shape), u / reserve_p, 0), keys, updates)
     return updates, state
 
   return optax.GradientTransformation(init_fn, update_fn)
+
+
+def naive_child_tuning_free(reserve_p):
+  """The straightforward CT-F: jax.random.bernoulli per leaf."""
+  return _masking_transform(reserve_p, lambda k, shape: jax.random.bernoulli(k, reserve_p, shape))
+
+
+def packed_child_tuning_free(reserve_p):
+  """A rejected design: 16 bits per decision, four decisions unpacked from each hash."""
+  from childtuning_jax.transforms import _linear_index, _threefry2x32
+
+  threshold = jnp.uint16(round(reserve_p * 2**16))
+
+  def keep(k, shape):
+    if not shape or shape[-1] % 4:
+      return jax.random.bits(k, shape, jnp.uint16) < threshold
+    k1, k2 = jax.random.bits(k, (2,), jnp.uint32)
+    counter = _linear_index(shape[:-1] + (shape[-1] // 4,))
+    hi, lo = _threefry2x32(k1, k2, counter, jnp.zeros_like(counter))
+    words = jax.lax.bitcast_convert_type(jnp.stack([hi, lo], -1), jnp.uint16)
+    return words.reshape(shape) < threshold
+
+  return _masking_transform(reserve_p, keep)
 
 
 def adamw():
@@ -66,16 +88,24 @@ def random_mask(params, p=RESERVE_P):
 
 
 def alternating_medians(fns, reps):
-  """{name: median seconds}, calling fns[name]() in turn, after one warm-up call each."""
+  """Times each of fns once per repetition, the order reversed every other repetition.
+
+  Returns {name: {"median_s": median seconds, "ratio": median over repetitions of this
+  variant's time / the first variant's time in the same repetition}}. Paired ratios cancel
+  most of the drift of a shared 2-core machine.
+  """
   for fn in fns.values():
     jax.block_until_ready(fn())
-  times = {name: [] for name in fns}
-  for _ in range(reps):
-    for name, fn in fns.items():
+  names = list(fns)
+  times = {name: [] for name in names}
+  for rep in range(reps):
+    for name in names if rep % 2 == 0 else names[::-1]:
       start = time.perf_counter()
-      jax.block_until_ready(fn())
+      jax.block_until_ready(fns[name]())
       times[name].append(time.perf_counter() - start)
-  return {name: float(np.median(t)) for name, t in times.items()}
+  base = np.array(times[names[0]])
+  return {name: {"median_s": float(np.median(t)), "ratio": float(np.median(np.array(t) / base))}
+          for name, t in times.items()}
 
 
 def fake_batch(config, seed=0):
@@ -95,10 +125,12 @@ def bench_update(config, reps):
       "adamw": adamw(),
       "CT-F + adamw": optax.chain(child_tuning_free(RESERVE_P), adamw()),
       "naive CT-F + adamw": optax.chain(naive_child_tuning_free(RESERVE_P), adamw()),
+      "16-bit packed CT-F + adamw": optax.chain(packed_child_tuning_free(RESERVE_P), adamw()),
       "CT-D + adamw + CT-D": optax.chain(child_tuning_driven(mask), adamw(),
                                          child_tuning_driven(mask)),
       "CT-F mask alone": child_tuning_free(RESERVE_P),
       "naive CT-F mask alone": naive_child_tuning_free(RESERVE_P),
+      "16-bit packed CT-F mask alone": packed_child_tuning_free(RESERVE_P),
   }
   fns = {}
   for name, tx in variants.items():
@@ -106,6 +138,20 @@ def bench_update(config, reps):
     state = tx.init(params)
     fns[name] = lambda update=update, state=state: update(grads, state, params)
   return alternating_medians(fns, reps)
+
+
+def bench_threefry(reps):
+  """The unrolled Threefry of the CT-F masks vs JAX's threefry2x32 primitive, same outputs."""
+  from jax.extend.random import threefry2x32_p
+
+  from childtuning_jax.transforms import _threefry2x32
+
+  counters = jnp.arange(5_600_000, dtype=jnp.uint32)  # one per 4 entries of MiniLM-L6
+  k1, k2 = jnp.uint32(1), jnp.uint32(2)
+  primitive = jax.jit(lambda c: threefry2x32_p.bind(k1, k2, c, jnp.zeros_like(c)))
+  unrolled = jax.jit(lambda c: _threefry2x32(k1, k2, c, jnp.zeros_like(c)))
+  return alternating_medians({"threefry2x32 primitive": lambda: primitive(counters),
+                              "unrolled (childtuning_jax)": lambda: unrolled(counters)}, reps)
 
 
 def make_train_step(model, tx):
@@ -196,20 +242,22 @@ def render(results):
   m = results["machine"]
   lines = [f"Measured on {m['cpu']}, {m['cores']} cores, JAX {m['jax']} on {m['backend']}, "
            f"optax {m['optax']}. Command: `{results['command']}` ({results['wall_minutes']:.1f} min). "
-           "Medians of alternating repetitions; ratios are against the first row of each table.", ""]
-  for title, key in (("Optimizer update alone, all-MiniLM-L6 tree (22.7M parameters)", "update_minilm"),
+           "Times are medians; a ratio is the median, over repetitions, of the row's time over "
+           "the first row's time in the same repetition (order reversed every other repetition).",
+           ""]
+  for title, key in (("Threefry-2x32 on 5.6M counters", "threefry"),
+                     ("Optimizer update alone, all-MiniLM-L6 tree (22.7M parameters)", "update_minilm"),
                      ("Optimizer update alone, BERT-base tree (109M parameters)", "update_bert_base"),
                      (f"Full training step, MiniLM-L6-shaped encoder, batch {BATCH} × {SEQ_LEN} tokens, "
                       "dropout on, clip 1.0", "train_step"),
                      (f"Fisher information over {BATCH} examples × {SEQ_LEN} tokens, MiniLM-L6-shaped "
                       "encoder", "fisher")):
-    times = results[key]
-    base = next(iter(times.values()))
     lines += [f"### {title}", "", "| variant | median | ratio |", "| --- | ---: | ---: |"]
-    lines += [f"| {name} | {t * 1e3:.1f} ms | {t / base:.2f}× |" for name, t in times.items()]
+    lines += [f"| {name} | {r['median_s'] * 1e3:.1f} ms | {r['ratio']:.3f}× |"
+              for name, r in results[key].items()]
     if key == "fisher":
-      per_ex = times["per-example Fisher"] / BATCH
-      lines += ["", f"Per-example Fisher: {per_ex * 1e3:.1f} ms per example."]
+      per_example = results[key]["per-example Fisher"]["median_s"] / BATCH
+      lines += ["", f"Per-example Fisher: {per_example * 1e3:.1f} ms per example."]
     lines.append("")
   mem = results["peak_memory_mib"]
   lines += ["### Peak memory (resident set of a process running only that workload, MiniLM-L6)", "",
@@ -239,14 +287,15 @@ def main():
   if args.workload:
     print(run_workload(args.workload))
     return
-  reps = 3 if args.quick else 15
+  reps = 3 if args.quick else 16
   start = time.time()
   results = {"machine": machine(),
              "command": "python bench/bench_core.py" + (" --quick" if args.quick else "")}
-  for key, fn in (("update_minilm", lambda: bench_update(MINILM_L6, reps)),
+  for key, fn in (("threefry", lambda: bench_threefry(reps)),
+                  ("update_minilm", lambda: bench_update(MINILM_L6, reps)),
                   ("update_bert_base", lambda: bench_update(BERT_BASE, reps)),
-                  ("train_step", lambda: bench_train_step(MINILM_L6, max(3, reps // 2))),
-                  ("fisher", lambda: bench_fisher(MINILM_L6, max(3, reps // 3))),
+                  ("train_step", lambda: bench_train_step(MINILM_L6, reps)),
+                  ("fisher", lambda: bench_fisher(MINILM_L6, max(3, reps // 2))),
                   ("peak_memory_mib", peak_memory)):
     results[key] = fn()
     print(key, json.dumps(results[key], indent=1), flush=True)

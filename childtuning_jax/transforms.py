@@ -26,12 +26,9 @@ from jax import lax
 
 from childtuning_jax import _trees
 
-# CT-F decides "keep" by comparing 16 random bits with a threshold, so the keep
-# probability is round(p * 2**16) / 2**16: within 2**-17 (7.6e-6) of reserve_p.
-_MASK_BITS = 16
-_MASK_LEVELS = 1 << _MASK_BITS
-# One Threefry-2x32 hash yields 64 bits, i.e. four 16-bit decisions.
-_DECISIONS_PER_HASH = 4
+# CT-F keeps an entry when 32 random bits fall below round(p * 2**32): the keep
+# probability is within 2**-33 of reserve_p.
+_RANDOM_LEVELS = 1 << 32
 
 
 class ChildTuningFreeState(NamedTuple):
@@ -63,9 +60,9 @@ _THREEFRY_ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
 def _threefry2x32(k1: jax.Array, k2: jax.Array, x1: jax.Array, x2: jax.Array) -> tuple[jax.Array, jax.Array]:
   """Threefry-2x32 with 20 rounds, bit-identical to ``jax.extend.random.threefry2x32_p``.
 
-  Written out round by round so that XLA fuses it into one elementwise loop:
-  on CPU the primitive's lowering runs several passes over memory and is
-  5-7x slower for the millions of counters of a mask.
+  Written out round by round so that XLA fuses it into one elementwise loop
+  with the mask's consumer; on CPU the primitive's lowering runs several
+  passes over memory (see BENCHMARKS.md).
   """
   ks = (k1, k2, k1 ^ k2 ^ jnp.uint32(0x1BD11BDA))
   x1, x2 = x1 + ks[0], x2 + ks[1]
@@ -78,29 +75,20 @@ def _threefry2x32(k1: jax.Array, k2: jax.Array, x1: jax.Array, x2: jax.Array) ->
   return x1, x2
 
 
-def _random_uint16(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-  """Uniform 16-bit integers of ``shape``, four per Threefry hash.
+def _random_uint32(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+  """Uniform 32-bit integers of ``shape``: Threefry-2x32 of each entry's position.
 
-  ``jax.random.bits`` spends one Threefry-2x32 hash (64 random bits) on every
-  element whatever the dtype asked for. Here each hash of the counter
-  ``(position, 0)`` is split into four 16-bit words laid out along the last
-  axis, which quarters the hashing work, the dominant cost of drawing a
-  mask. (Leaves whose last axis is not a multiple of four, usually small
-  biases and heads, take one hash per element.) Only elementwise ops and
-  iotas are used, so under ``jit`` with sharded updates every device draws
-  the bits of its own shard, and the bits do not depend on the sharding.
+  A pure function of (key, position) built from iotas and elementwise ops, so
+  XLA fuses it into the loop that consumes it (no random bits are written to
+  memory), and under ``jit`` with sharded updates every device draws the bits
+  of its own shard, the same bits whatever the sharding.
   """
-  packed = bool(shape) and shape[-1] % _DECISIONS_PER_HASH == 0
-  hashed_shape = shape[:-1] + (shape[-1] // _DECISIONS_PER_HASH,) if packed else shape
-  if np.prod(hashed_shape, dtype=np.int64) >= 2**32:
-    raise ValueError(f"a leaf of shape {shape} is too large for a 32-bit counter.")
+  if np.prod(shape, dtype=np.int64) > 2**32:
+    raise ValueError(f"a leaf of shape {shape} has more entries than a 32-bit counter can number.")
   k1, k2 = jax.random.bits(key, (2,), jnp.uint32)
-  counter = _linear_index(hashed_shape)
-  hi, lo = _threefry2x32(k1, k2, counter, jnp.zeros_like(counter))
-  if not packed:
-    return (hi & jnp.uint32(0xFFFF)).astype(jnp.uint16)
-  words = jnp.stack([hi, lo], axis=-1)  # (..., n/4, 2) uint32
-  return lax.bitcast_convert_type(words, jnp.uint16).reshape(shape)
+  counter = _linear_index(shape)
+  bits, _ = _threefry2x32(k1, k2, counter, jnp.zeros_like(counter))
+  return bits
 
 
 def child_tuning_free(reserve_p: float, key: jax.Array | int = 0) -> optax.GradientTransformation:
@@ -118,10 +106,11 @@ def child_tuning_free(reserve_p: float, key: jax.Array | int = 0) -> optax.Gradi
 
     optax.chain(child_tuning_free(0.3), optax.adamw(2e-5))
 
-  Random bits are drawn 16 per decision (four decisions per Threefry hash), so
-  the keep probability is ``round(reserve_p * 2**16) / 2**16``, within
-  ``7.6e-6`` of ``reserve_p``. Kept entries are multiplied by ``1 /
-  reserve_p`` rounded to the update's dtype, and the dtype is kept.
+  Each decision compares 32 random bits (Threefry-2x32 of the entry's
+  position, fused into the consumer's loop) with ``round(reserve_p * 2**32)``,
+  so the keep probability is within ``2**-33`` of ``reserve_p``. Kept entries
+  are multiplied by ``1 / reserve_p`` rounded to the update's dtype, and the
+  dtype is kept.
 
   Args:
     reserve_p: probability of keeping a gradient entry, in ``(0, 1]``. The
@@ -148,9 +137,9 @@ def child_tuning_free(reserve_p: float, key: jax.Array | int = 0) -> optax.Gradi
     Generalizable Fine-tuning", EMNLP 2021, Eq. 3-5 and Algorithm 1.
   """
   reserve_p = _trees.check_reserve_p(reserve_p)
-  threshold = round(reserve_p * _MASK_LEVELS)
+  threshold = min(round(reserve_p * _RANDOM_LEVELS), _RANDOM_LEVELS - 1)
   if threshold == 0:
-    raise ValueError(f"reserve_p={reserve_p} is below the mask's resolution of 2**-16.")
+    raise ValueError(f"reserve_p={reserve_p} is below the mask's resolution of 2**-32.")
   canonical_key = _trees.canonicalize_key(key)
 
   def init_fn(params):
@@ -165,7 +154,7 @@ def child_tuning_free(reserve_p: float, key: jax.Array | int = 0) -> optax.Gradi
 
     def mask_leaf(leaf_key, update):
       # Eq. 4-5: M ~ Bernoulli(p), g <- g * M / p.
-      keep = _random_uint16(leaf_key, update.shape) < jnp.uint16(threshold)
+      keep = _random_uint32(leaf_key, update.shape) < jnp.uint32(threshold)
       scale = jnp.asarray(1.0 / reserve_p, update.dtype)
       return jnp.where(keep, update * scale, jnp.zeros((), update.dtype))
 

@@ -71,25 +71,21 @@ def test_free_kept_entries_scaled_by_exactly_one_over_p(p):
 
 @pytest.mark.parametrize("p", [0.3, 0.1234])
 def test_free_keep_probability_is_within_1e4_of_p(p):
-  # 40M decisions: the standard error is ~7e-5, so a 16-bit mask (error <= 7.6e-6) passes and an
-  # 8-bit one (error up to 2e-3, 7.8e-4 for p=0.3) or a biased packing would fail.
+  # 40M decisions: the standard error is ~7e-5, so a bias of 1e-3 (an 8-bit threshold, say)
+  # would fail.
   tx = child_tuning_free(p, key=0)
   grads = {"a": jnp.ones((1000, 2000)), "b": jnp.ones((2000, 1000))}
   state = tx.init(grads)
   step = jax.jit(tx.update)
   kept = total = 0
-  by_lane = np.zeros(4)
   for _ in range(10):
     updates, state = step(grads, state)
     for leaf in jax.tree.leaves(updates):
       k = np.asarray(leaf) != 0
       kept += k.sum()
       total += k.size
-      by_lane += k.reshape(-1, 4).mean(axis=0) / 20
   sigma = math.sqrt(p * (1 - p) / total)
   assert abs(kept / total - p) < 1e-4 + 4 * sigma
-  # Each of the four 16-bit words taken from one hash keeps with probability p.
-  np.testing.assert_allclose(by_lane, p, atol=8 * math.sqrt(p * (1 - p) / (total / 4)))
 
 
 def test_free_decisions_are_independent_between_neighbours_leaves_and_steps():
@@ -102,7 +98,7 @@ def test_free_decisions_are_independent_between_neighbours_leaves_and_steps():
   tol = 5 * math.sqrt(p * p * (1 - p * p) / a1.size)
   assert abs((a1 & b1).mean() - p * p) < tol  # leaves
   assert abs((a1 & a2).mean() - p * p) < tol  # steps
-  for shift in (1, 2, 3, 4):  # words of one hash and of neighbouring hashes
+  for shift in (1, 2, 3, 4, 512):  # neighbours along rows and columns
     assert abs((a1[:-shift] & a1[shift:]).mean() - p * p) < tol
 
 
@@ -210,7 +206,7 @@ def test_free_sharded_params_no_gather_and_same_masks():
     np.testing.assert_array_equal(got[name], want[name])
 
 
-@pytest.mark.parametrize("bad", [0.0, -0.1, 1.5, float("nan"), 1e-6])
+@pytest.mark.parametrize("bad", [0.0, -0.1, 1.5, float("nan"), 1e-11])
 def test_free_refuses_reserve_p_out_of_range(bad):
   with pytest.raises(ValueError, match="reserve_p"):
     child_tuning_free(bad)

@@ -1,0 +1,256 @@
+"""Text-classification data: GLUE tasks and local CSV/JSON files, as run_glue reads them.
+
+A data set is a :class:`TextDataset` (one or two text columns and a label
+array). GLUE comes from ``datasets.load_dataset("nyu-mll/glue", task)`` and
+needs the Hugging Face Hub; local files follow run_glue's conventions
+(``sentence`` or ``sentence1``[, ``sentence2``] and ``label``; float labels
+mean regression). Mistakes in a file are reported with the file, row and
+column, before any model code runs.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class GlueTask:
+  text_columns: tuple[str, ...]
+  num_labels: int  # 1: regression
+  eval_splits: tuple[str, ...] = ("validation",)
+
+
+GLUE_TASKS = {
+    "cola": GlueTask(("sentence",), 2),
+    "sst2": GlueTask(("sentence",), 2),
+    "mrpc": GlueTask(("sentence1", "sentence2"), 2),
+    "stsb": GlueTask(("sentence1", "sentence2"), 1),
+    "qqp": GlueTask(("question1", "question2"), 2),
+    "mnli": GlueTask(("premise", "hypothesis"), 3, ("validation_matched", "validation_mismatched")),
+    "qnli": GlueTask(("question", "sentence"), 2),
+    "rte": GlueTask(("sentence1", "sentence2"), 2),
+    "wnli": GlueTask(("sentence1", "sentence2"), 2),
+}
+
+
+@dataclasses.dataclass
+class TextDataset:
+  """Texts (one or two per example) and labels: class ids (int32) or scores (float32)."""
+
+  name: str
+  text_a: list[str]
+  text_b: list[str] | None
+  labels: np.ndarray
+
+  def __len__(self) -> int:
+    return len(self.text_a)
+
+  @property
+  def is_regression(self) -> bool:
+    return self.labels.dtype.kind == "f"
+
+  def subset(self, indices: Sequence[int]) -> "TextDataset":
+    pick = lambda texts: [texts[i] for i in indices] if texts is not None else None
+    return TextDataset(self.name, pick(self.text_a), pick(self.text_b), self.labels[np.asarray(indices, int)])
+
+
+def load_glue(task_name: str) -> tuple[dict[str, TextDataset], GlueTask]:
+  """``({"train": ..., "validation": ...}, task)`` for a GLUE task, through ``datasets`` (needs the Hub)."""
+  if task_name not in GLUE_TASKS:
+    raise ValueError(f"unknown GLUE task {task_name!r}; known: {', '.join(GLUE_TASKS)}.")
+  import datasets
+
+  task = GLUE_TASKS[task_name]
+  try:
+    raw = datasets.load_dataset("nyu-mll/glue", task_name)
+  except Exception as error:  # offline mode, no network, unknown config
+    raise OSError(f"could not load GLUE task {task_name!r} from the Hugging Face Hub "
+                  f"({type(error).__name__}). Offline, pass --train_file/--validation_file "
+                  "with local CSV or JSON files instead.") from None
+  splits = {}
+  for split in ("train",) + task.eval_splits:
+    columns = raw[split]
+    labels = np.asarray(columns["label"], np.float32 if task.num_labels == 1 else np.int32)
+    texts = [list(columns[name]) for name in task.text_columns]
+    splits[split] = TextDataset(f"{task_name}/{split}", texts[0], texts[1] if len(texts) > 1 else None,
+                                labels)
+  return splits, task
+
+
+def read_rows(path: str | os.PathLike) -> list[dict[str, Any]]:
+  """Rows of a ``.csv``/``.tsv`` file (with a header) or a ``.json``/``.jsonl`` file
+  (JSON lines, or one JSON list of objects)."""
+  path = Path(path)
+  if not path.is_file():
+    raise FileNotFoundError(f"data file {path} does not exist.")
+  suffix = path.suffix.lower()
+  if suffix in (".csv", ".tsv"):
+    with open(path, newline="", encoding="utf-8") as file:
+      rows = list(csv.DictReader(file, delimiter="\t" if suffix == ".tsv" else ","))
+  elif suffix in (".json", ".jsonl"):
+    text = path.read_text(encoding="utf-8")
+    if text.lstrip().startswith("["):
+      rows = json.loads(text)
+    else:
+      rows = []
+      for number, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+          try:
+            rows.append(json.loads(line))
+          except json.JSONDecodeError as error:
+            raise ValueError(f"{path}, line {number}: not valid JSON ({error.msg}).") from None
+  else:
+    raise ValueError(f"{path}: unsupported file type {suffix!r}; use .csv, .tsv, .json or .jsonl.")
+  if not rows:
+    raise ValueError(f"{path} holds no examples.")
+  return rows
+
+
+def text_columns_of(columns: Sequence[str], path: str | os.PathLike) -> tuple[str, ...]:
+  """run_glue's choice: ``sentence1``/``sentence2``, else ``sentence``, else the first
+  one or two non-label columns."""
+  if "sentence1" in columns:
+    return ("sentence1", "sentence2") if "sentence2" in columns else ("sentence1",)
+  if "sentence" in columns:
+    return ("sentence",)
+  others = [name for name in columns if name not in ("label", "idx", "id")]
+  if not others:
+    raise ValueError(f"{path} has no text column (columns: {list(columns)}).")
+  return tuple(others[:2])
+
+
+def load_local(path: str | os.PathLike, *, text_columns: tuple[str, ...] | None = None,
+               label_list: Sequence[Any] | None = None, regression: bool | None = None) -> TextDataset:
+  """A local CSV/JSON data set.
+
+  Args:
+    path: the file.
+    text_columns: which columns hold the text(s); default: run_glue's choice.
+    label_list: the labels of the training set, in class-id order; a label
+      outside it is an error that names the row. ``None``: read them from
+      this file (sorted), as for a training file.
+    regression: force regression (float labels) or classification; default:
+      regression when the labels are numbers written as floats (``3.8``,
+      ``1.0``), as a CSV reader's type inference would decide.
+
+  Raises:
+    ValueError: missing column, empty text or label, unknown label, empty file;
+      the message names the file, the row (counting the header as row 1 for
+      CSV, from 1 for JSON) and the column.
+  """
+  rows = read_rows(path)
+  columns = list(rows[0].keys())
+  text_columns = text_columns or text_columns_of(columns, path)
+  first_row = 2 if Path(path).suffix.lower() in (".csv", ".tsv") else 1
+  for name in text_columns + ("label",):
+    if name not in columns:
+      raise ValueError(f"{path}: no column {name!r} (columns: {columns}).")
+  for offset, row in enumerate(rows):
+    for name in text_columns + ("label",):
+      value = row.get(name)
+      if value is None or (isinstance(value, str) and not value.strip() and name == "label"):
+        raise ValueError(f"{path}, row {first_row + offset}: column {name!r} is empty.")
+  raw_labels = [row["label"] for row in rows]
+  if regression is None:
+    regression = label_list is None and _looks_like_regression(raw_labels)
+  if regression:
+    labels = np.empty(len(rows), np.float32)
+    for offset, value in enumerate(raw_labels):
+      try:
+        labels[offset] = float(value)
+      except (TypeError, ValueError):
+        raise ValueError(f"{path}, row {first_row + offset}: label {value!r} is not a number, "
+                         "but this is a regression data set.") from None
+  else:
+    keys = [_label_key(value) for value in raw_labels]
+    known = [_label_key(value) for value in label_list] if label_list is not None else sorted(
+        set(keys), key=_sort_key)
+    index = {key: i for i, key in enumerate(known)}
+    labels = np.empty(len(rows), np.int32)
+    for offset, key in enumerate(keys):
+      if key not in index:
+        raise ValueError(f"{path}, row {first_row + offset}: label {raw_labels[offset]!r} is not "
+                         f"one of the training labels {list(known)}.")
+      labels[offset] = index[key]
+  texts = [[str(row[name]) for row in rows] for name in text_columns]
+  return TextDataset(Path(path).name, texts[0], texts[1] if len(texts) > 1 else None, labels)
+
+
+def label_names(dataset_path: str | os.PathLike) -> list[str]:
+  """The sorted label values of a classification file (its class ids' order)."""
+  return sorted({_label_key(row["label"]) for row in read_rows(dataset_path)}, key=_sort_key)
+
+
+def _label_key(value: Any) -> str:
+  """Labels compare as text: 1, "1" and 1.0 are the same class."""
+  if isinstance(value, float) and value.is_integer():
+    value = int(value)
+  text = str(value).strip()
+  try:
+    number = float(text)
+    if number.is_integer():
+      return str(int(number))
+  except ValueError:
+    pass
+  return text
+
+
+def _sort_key(key: str):
+  try:
+    return (0, float(key), key)
+  except ValueError:
+    return (1, 0.0, key)
+
+
+def _looks_like_regression(values: Sequence[Any]) -> bool:
+  """Float labels, as a CSV reader's type inference sees them: every label a number and at
+  least one written as a float (``3.8``, ``1.0``, ``2e-1``) or a JSON float."""
+  written_as_float = False
+  for value in values:
+    if isinstance(value, bool):
+      return False
+    if isinstance(value, float):
+      written_as_float = True
+      continue
+    if isinstance(value, int):
+      continue
+    try:
+      float(value)
+    except (TypeError, ValueError):
+      return False
+    written_as_float |= any(c in str(value) for c in ".eE")
+  return written_as_float
+
+
+def encode(dataset: TextDataset, tokenizer: Any, max_seq_length: int) -> dict[str, np.ndarray]:
+  """Tokenises to fixed-length int32 arrays (``input_ids``, ``attention_mask``,
+  ``token_type_ids``) plus ``labels``, padded to ``max_seq_length`` so one
+  compiled step serves every batch."""
+  encoded = tokenizer(dataset.text_a, dataset.text_b, truncation=True, max_length=max_seq_length,
+                      padding="max_length", return_token_type_ids=True)
+  arrays = {name: np.asarray(encoded[name], np.int32)
+            for name in ("input_ids", "attention_mask", "token_type_ids")}
+  arrays["labels"] = dataset.labels
+  return arrays
+
+
+def batch_indices(num_examples: int, batch_size: int, *, seed: int, epoch: int,
+                  shuffle: bool = True, drop_last: bool = True) -> Iterator[np.ndarray]:
+  """The example indices of each batch of one epoch.
+
+  The order is a pure function of ``(seed, epoch)``, so a resumed run sees the
+  same batches as an uninterrupted one. Training drops the last partial batch
+  (static shapes); evaluation keeps it (``drop_last=False``).
+  """
+  order = (np.random.default_rng([seed, epoch]).permutation(num_examples) if shuffle
+           else np.arange(num_examples))
+  stop = num_examples - num_examples % batch_size if drop_last else num_examples
+  for start in range(0, stop, batch_size):
+    yield order[start:start + batch_size]

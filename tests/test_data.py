@@ -1,0 +1,114 @@
+"""Local data files with run_glue's conventions, and the batch order."""
+
+import json
+
+import numpy as np
+import pytest
+
+from childtuning_jax.data import GLUE_TASKS, batch_indices, load_glue, load_local
+
+
+def _write_csv(path, header, rows):
+  path.write_text("\n".join([",".join(header)] + [",".join(map(str, r)) for r in rows]) + "\n")
+  return path
+
+
+def test_csv_single_sentence_with_text_labels(tmp_path):
+  path = _write_csv(tmp_path / "train.csv", ["sentence", "label"],
+                    [["good film", "fresh"], ["dull", "rotten"], ["fine", "fresh"]])
+  data = load_local(path)
+  assert data.text_a == ["good film", "dull", "fine"] and data.text_b is None
+  np.testing.assert_array_equal(data.labels, [0, 1, 0])  # sorted: fresh=0, rotten=1
+  assert data.labels.dtype == np.int32 and not data.is_regression
+
+
+def test_sentence_pairs_and_float_labels_mean_regression(tmp_path):
+  path = _write_csv(tmp_path / "stsb.csv", ["sentence1", "sentence2", "label"],
+                    [["a", "b", "3.8"], ["c", "d", "1.0"]])
+  data = load_local(path)
+  assert data.text_b == ["b", "d"] and data.is_regression
+  np.testing.assert_allclose(data.labels, [3.8, 1.0])
+
+
+def test_jsonl_and_json_list(tmp_path):
+  rows = [{"sentence1": "a", "sentence2": "b", "label": 1}, {"sentence1": "c", "sentence2": "d",
+                                                             "label": 0}]
+  lines = tmp_path / "x.jsonl"
+  lines.write_text("\n".join(json.dumps(r) for r in rows))
+  listed = tmp_path / "y.json"
+  listed.write_text(json.dumps(rows))
+  for path in (lines, listed):
+    data = load_local(path)
+    np.testing.assert_array_equal(data.labels, [1, 0])
+    assert data.text_a == ["a", "c"]
+
+
+def test_validation_labels_use_the_training_label_order_and_unknown_labels_name_the_row(tmp_path):
+  path = _write_csv(tmp_path / "dev.csv", ["sentence", "label"],
+                    [["x", "rotten"], ["y", "fresh"], ["z", "meh"]])
+  with pytest.raises(ValueError, match=r"dev.csv, row 4: label 'meh' is not one of"):
+    load_local(path, label_list=["fresh", "rotten"])
+  ok = _write_csv(tmp_path / "ok.csv", ["sentence", "label"], [["x", "rotten"], ["y", "fresh"]])
+  np.testing.assert_array_equal(load_local(ok, label_list=["fresh", "rotten"]).labels, [1, 0])
+
+
+def test_numeric_labels_match_across_spellings(tmp_path):
+  path = tmp_path / "t.jsonl"
+  path.write_text('{"sentence": "a", "label": 1}\n{"sentence": "b", "label": "0"}\n')
+  np.testing.assert_array_equal(load_local(path, label_list=["0", "1"]).labels, [1, 0])
+
+
+@pytest.mark.parametrize("header, rows, match", [
+    (["text", "label"], [["a", "1"]], None),  # a non-standard text column is used
+    (["sentence", "score"], [["a", "1"]], r"no column 'label'"),
+    (["sentence", "label"], [["a", ""]], r"row 2: column 'label' is empty"),
+])
+def test_missing_columns_and_empty_labels(tmp_path, header, rows, match):
+  path = _write_csv(tmp_path / "f.csv", header, rows)
+  if match is None:
+    assert load_local(path).text_a == ["a"]
+  else:
+    with pytest.raises(ValueError, match=match):
+      load_local(path)
+
+
+def test_empty_missing_and_unsupported_files(tmp_path):
+  empty = tmp_path / "e.csv"
+  empty.write_text("sentence,label\n")
+  with pytest.raises(ValueError, match="holds no examples"):
+    load_local(empty)
+  with pytest.raises(FileNotFoundError, match="does not exist"):
+    load_local(tmp_path / "nope.csv")
+  other = tmp_path / "f.parquet"
+  other.write_text("x")
+  with pytest.raises(ValueError, match="unsupported file type"):
+    load_local(other)
+  bad = tmp_path / "b.jsonl"
+  bad.write_text('{"sentence": "a", "label": 1}\n{oops\n')
+  with pytest.raises(ValueError, match="line 2: not valid JSON"):
+    load_local(bad)
+
+
+def test_regression_file_with_a_text_label_names_the_row(tmp_path):
+  path = _write_csv(tmp_path / "r.csv", ["sentence", "label"], [["a", "0.5"], ["b", "high"]])
+  with pytest.raises(ValueError, match=r"row 3: label 'high' is not a number"):
+    load_local(path, regression=True)
+
+
+def test_batch_order_is_a_function_of_seed_and_epoch():
+  first = [b.tolist() for b in batch_indices(10, 3, seed=1, epoch=0)]
+  assert [len(b) for b in first] == [3, 3, 3]  # the partial batch is dropped in training
+  assert first == [b.tolist() for b in batch_indices(10, 3, seed=1, epoch=0)]
+  assert first != [b.tolist() for b in batch_indices(10, 3, seed=1, epoch=1)]
+  assert len(set(sum(first, []))) == 9
+  evaluation = list(batch_indices(10, 3, seed=0, epoch=0, shuffle=False, drop_last=False))
+  assert [b.tolist() for b in evaluation] == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9]]
+
+
+def test_glue_tasks_cover_the_paper_and_fail_clearly_offline():
+  assert {"cola", "sst2", "mrpc", "stsb", "qqp", "mnli", "qnli", "rte"} <= set(GLUE_TASKS)
+  assert GLUE_TASKS["stsb"].num_labels == 1 and GLUE_TASKS["mnli"].num_labels == 3
+  with pytest.raises(ValueError, match="unknown GLUE task"):
+    load_glue("squad")
+  with pytest.raises(OSError, match="--train_file"):
+    load_glue("rte")  # HF_DATASETS_OFFLINE=1 in conftest.py: fails at once

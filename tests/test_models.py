@@ -1,0 +1,167 @@
+"""The Flax encoders against PyTorch transformers, and checkpoint loading."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from childtuning_jax.models import EncoderConfig, load_pretrained  # noqa: E402
+
+TINY = dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+            intermediate_size=37, max_position_embeddings=64)
+
+
+def _torch_model(kind, num_labels, seed=0, **overrides):
+  torch.manual_seed(seed)
+  if kind == "bert":
+    config = transformers.BertConfig(**TINY, num_labels=num_labels, **overrides)
+    return transformers.BertForSequenceClassification(config).eval()
+  config = transformers.RobertaConfig(**TINY, num_labels=num_labels, pad_token_id=1,
+                                      type_vocab_size=1, layer_norm_eps=1e-5, **overrides)
+  return transformers.RobertaForSequenceClassification(config).eval()
+
+
+def _padded_batch(kind):
+  rng = np.random.default_rng(0)
+  lengths = [12, 7, 3]
+  pad = 0 if kind == "bert" else 1
+  ids = np.full((3, 12), pad, np.int64)
+  mask = np.zeros((3, 12), np.int64)
+  types = np.zeros((3, 12), np.int64)
+  for row, n in enumerate(lengths):
+    ids[row, :n] = rng.integers(5, TINY["vocab_size"], n)
+    mask[row, :n] = 1
+    if kind == "bert":
+      types[row, n // 2:n] = 1  # a sentence pair
+  return ids, mask, types
+
+
+def _compare(kind, model, params, torch_model):
+  ids, mask, types = _padded_batch(kind)
+  with torch.no_grad():
+    want = torch_model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
+                       token_type_ids=torch.tensor(types)).logits.numpy()
+  got = model.apply({"params": params}, jnp.asarray(ids, jnp.int32), jnp.asarray(mask, jnp.int32),
+                    jnp.asarray(types, jnp.int32), deterministic=True)
+  assert got.shape == want.shape
+  np.testing.assert_allclose(np.asarray(got), want, atol=1e-4, rtol=0)
+  return got
+
+
+@pytest.mark.parametrize("kind", ["bert", "roberta"])
+@pytest.mark.parametrize("num_labels", [3, 1])
+def test_logits_match_pytorch_transformers(tmp_path, kind, num_labels):
+  torch_model = _torch_model(kind, num_labels)
+  torch_model.save_pretrained(tmp_path)
+  assert (tmp_path / "model.safetensors").exists()
+  model, params, info = load_pretrained(tmp_path, num_labels, output_loading_info=True)
+  assert info["missing_keys"] == [] and info["mismatched_keys"] == []
+  _compare(kind, model, params, torch_model)
+
+
+@pytest.mark.parametrize("kind", ["bert", "roberta"])
+def test_pytorch_bin_checkpoint(tmp_path, kind):
+  torch_model = _torch_model(kind, 2, seed=1)
+  torch_model.save_pretrained(tmp_path)  # transformers 5 writes safetensors only
+  (tmp_path / "model.safetensors").unlink()
+  torch.save(torch_model.state_dict(), tmp_path / "pytorch_model.bin")
+  model, params = load_pretrained(tmp_path, 2)
+  _compare(kind, model, params, torch_model)
+
+
+def test_old_gamma_beta_layer_norm_names(tmp_path):
+  from safetensors.numpy import save_file
+
+  torch_model = _torch_model("bert", 2, seed=2)
+  torch_model.save_pretrained(tmp_path)
+  state = {name.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias",
+                                                                        "LayerNorm.beta"):
+           tensor.numpy() for name, tensor in torch_model.state_dict().items()}
+  assert any(name.endswith("gamma") for name in state)
+  save_file(state, str(tmp_path / "model.safetensors"))
+  model, params, info = load_pretrained(tmp_path, 2, output_loading_info=True)
+  assert info["missing_keys"] == []
+  _compare("bert", model, params, torch_model)
+
+
+def test_base_model_checkpoint_gets_a_fresh_head_and_reports_it(tmp_path):
+  torch.manual_seed(0)
+  base = transformers.BertModel(transformers.BertConfig(**TINY)).eval()
+  base.save_pretrained(tmp_path)
+  model, params, info = load_pretrained(tmp_path, 4, output_loading_info=True)
+  assert info["missing_keys"] == ["classifier/bias", "classifier/kernel"]
+  np.testing.assert_array_equal(
+      params["bert"]["encoder"]["layer_1"]["attention"]["self"]["query"]["kernel"],
+      base.encoder.layer[1].attention.self.query.weight.detach().numpy().T)
+  assert params["classifier"]["kernel"].shape == (32, 4)
+
+
+def test_head_for_another_label_count_is_reinitialised(tmp_path):
+  _torch_model("bert", 3).save_pretrained(tmp_path)
+  _, params, info = load_pretrained(tmp_path, 2, output_loading_info=True)
+  assert len(info["mismatched_keys"]) == 2 and params["classifier"]["kernel"].shape == (32, 2)
+
+
+def test_unused_tensors_are_reported(tmp_path):
+  torch.manual_seed(0)
+  transformers.BertForMaskedLM(transformers.BertConfig(**TINY)).save_pretrained(tmp_path)
+  _, _, info = load_pretrained(tmp_path, 2, output_loading_info=True)
+  assert any(name.startswith("cls.predictions") for name in info["unexpected_keys"])
+
+
+def test_dropout_needs_rng_and_is_reproducible(tmp_path):
+  _torch_model("bert", 2).save_pretrained(tmp_path)
+  model, params = load_pretrained(tmp_path, 2)
+  ids, mask, types = (jnp.asarray(x, jnp.int32) for x in _padded_batch("bert"))
+  run = lambda seed: model.apply({"params": params}, ids, mask, types, deterministic=False,
+                                 rngs={"dropout": jax.random.key(seed)})
+  clean = model.apply({"params": params}, ids, mask, types)
+  np.testing.assert_array_equal(run(0), run(0))
+  assert not np.allclose(run(0), clean) and not np.allclose(run(0), run(1))
+
+
+def test_missing_files_and_offline_hub_name_give_clear_errors(tmp_path):
+  with pytest.raises(FileNotFoundError, match="config.json"):
+    load_pretrained(tmp_path)
+  (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert", **TINY}))
+  with pytest.raises(FileNotFoundError, match="model.safetensors"):
+    load_pretrained(tmp_path)
+  with pytest.raises(OSError, match="pass the path of a local checkpoint directory"):
+    load_pretrained("some-user/not-a-local-directory")
+
+
+def test_config_refuses_unsupported_settings():
+  with pytest.raises(ValueError, match="model_type 'gpt2'"):
+    EncoderConfig(model_type="gpt2")
+  with pytest.raises(ValueError, match="hidden_act"):
+    EncoderConfig(hidden_act="mish")
+
+
+def test_embedded_minilm_matches_pytorch_and_tokenises_offline():
+  from childtuning_jax.models import embedded_model_path
+
+  path = embedded_model_path()
+  model, params, info = load_pretrained(path, 2, output_loading_info=True)
+  assert info["missing_keys"] == ["classifier/bias", "classifier/kernel"]
+  assert info["unexpected_keys"] in ([], ["embeddings.position_ids"])
+  n = sum(x.size for x in jax.tree.leaves(params))
+  assert 22_500_000 < n < 22_800_000
+
+  tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+  encoded = tokenizer(["a gripping, beautifully acted film", "dull"], ["", "and far too long"],
+                      padding="max_length", truncation=True, max_length=16, return_tensors="np")
+  assert encoded["input_ids"].shape == (2, 16)
+  assert tokenizer.unk_token_id not in encoded["input_ids"][0, 1:5]  # the vocabulary is used
+
+  torch_base = transformers.BertModel.from_pretrained(path).eval()
+  with torch.no_grad():
+    pooled = torch_base(**{k: torch.tensor(v) for k, v in encoded.items()}).pooler_output.numpy()
+  kernel, bias = (np.asarray(params["classifier"][k]) for k in ("kernel", "bias"))
+  got = model.apply({"params": params}, *(jnp.asarray(encoded[k], jnp.int32)
+                                          for k in ("input_ids", "attention_mask", "token_type_ids")))
+  np.testing.assert_allclose(np.asarray(got), pooled @ kernel + bias, atol=1e-4)
