@@ -168,12 +168,13 @@ def test_free_with_typed_key_under_jit():
   assert jax.tree.structure(updates) == jax.tree.structure(grads)
 
 
-def test_free_pmap_replicas_identical_and_equal_to_single_device():
+@pytest.mark.parametrize("key", [2, jax.random.key(2)], ids=["int", "typed"])
+def test_free_pmap_replicas_identical_and_equal_to_single_device(key):
   n = jax.local_device_count()
   assert n == 8, "conftest.py forces 8 CPU devices"
   params = {"w": jnp.ones((8, 24)), "b": jnp.arange(6.0)}
   grads = jax.tree.map(lambda x: x + 0.5, params)
-  tx = optax.chain(child_tuning_free(0.3, key=2), optax.adamw(1e-2))
+  tx = optax.chain(child_tuning_free(0.3, key), optax.adamw(1e-2))
   state = tx.init(params)
   replicate = lambda tree: jax.tree.map(lambda x: jnp.broadcast_to(x, (n,) + x.shape), tree)
   step = jax.pmap(tx.update, axis_name="batch")
@@ -187,13 +188,14 @@ def test_free_pmap_replicas_identical_and_equal_to_single_device():
         np.testing.assert_array_equal(rep[replica], one)
 
 
-def test_free_sharded_params_no_gather_and_same_masks():
+@pytest.mark.parametrize("key", [4, jax.random.key(4)], ids=["int", "typed"])
+def test_free_sharded_params_no_gather_and_same_masks(key):
   mesh = jax.sharding.Mesh(np.array(jax.devices()).reshape(4, 2), ("data", "model"))
   grads = {"kernel": jnp.asarray(np.random.default_rng(0).normal(size=(64, 128)), jnp.float32),
            "bias": jnp.ones((128,)), "odd": jnp.ones((8, 6))}
   specs = {"kernel": P("data", "model"), "bias": P("model"), "odd": P("data", None)}
   sharded = jax.tree.map(lambda x, s: jax.device_put(x, NamedSharding(mesh, s)), grads, specs)
-  tx = child_tuning_free(0.3, key=4)
+  tx = child_tuning_free(0.3, key)
   state = tx.init(grads)
   step = jax.jit(tx.update)
   hlo = step.lower(sharded, state).compile().as_text()
