@@ -100,7 +100,7 @@ def random_mask(params, p=RESERVE_P):
 
 
 def alternating_medians(fns, reps):
-  """Times each of fns once per repetition, the order reversed every other repetition.
+  """Times each of fns once per repetition, in a new random order each repetition.
 
   Returns {name: {"median_s": median seconds, "ratio": median over repetitions of this
   variant's time / the first variant's time in the same repetition}}. Paired ratios cancel
@@ -110,8 +110,9 @@ def alternating_medians(fns, reps):
     jax.block_until_ready(fn())
   names = list(fns)
   times = {name: [] for name in names}
-  for rep in range(reps):
-    for name in names if rep % 2 == 0 else names[::-1]:
+  order_rng = np.random.default_rng(1)
+  for _ in range(reps):
+    for name in order_rng.permutation(names):
       start = time.perf_counter()
       jax.block_until_ready(fns[name]())
       times[name].append(time.perf_counter() - start)
@@ -263,7 +264,8 @@ def render(results):
   lines = [f"Measured on {m['cpu']}, {m['cores']} cores, JAX {m['jax']} on {m['backend']}, "
            f"optax {m['optax']}. Command: `{results['command']}` ({results['wall_minutes']:.1f} min). "
            "Times are medians; a ratio is the median, over repetitions, of the row's time over "
-           "the first row's time in the same repetition (order reversed every other repetition); "
+           "the first row's time in the same repetition (variants run in a random order in each "
+           "repetition); "
            "its interval is a 95% bootstrap interval.",
            ""]
   for title, key in (("Threefry-2x32 on 5.6M counters", "threefry"),

@@ -183,11 +183,6 @@ def load_local(path: str | os.PathLike, *, text_columns: tuple[str, ...] | None 
   return TextDataset(Path(path).name, texts[0], texts[1] if len(texts) > 1 else None, labels)
 
 
-def label_names(dataset_path: str | os.PathLike) -> list[str]:
-  """The sorted label values of a classification file (its class ids' order)."""
-  return sorted({_label_key(row["label"]) for row in read_rows(dataset_path)}, key=_sort_key)
-
-
 def _label_key(value: Any) -> str:
   """Labels compare as text: 1, "1" and 1.0 are the same class."""
   if isinstance(value, float) and value.is_integer():

@@ -120,7 +120,7 @@ def estimate_fisher(
 
   zeros = lambda: jax.tree.map(lambda x: jnp.zeros(jnp.shape(x), jnp.float32), params)
   total = zeros()
-  batch_grad, batch_examples = zeros(), 0
+  batch_grad, batch_examples = (None, 0) if per_example else (zeros(), 0)
   num_examples = num_batches = 0
   bar = tqdm(desc="Fisher", unit="ex", disable=not progress, dynamic_ncols=True)
   chunks = _padded_chunks(batches, chunk_size, keep_batches_apart=not per_example)

@@ -22,6 +22,15 @@ def test_csv_single_sentence_with_text_labels(tmp_path):
   assert data.labels.dtype == np.int32 and not data.is_regression
 
 
+def test_subset_keeps_texts_and_labels_aligned(tmp_path):
+  path = _write_csv(tmp_path / "pairs.csv", ["sentence1", "sentence2", "label"],
+                    [["a", "b", "x"], ["c", "d", "y"], ["e", "f", "x"]])
+  picked = load_local(path).subset([2, 0])
+  assert picked.text_a == ["e", "a"] and picked.text_b == ["f", "b"]
+  np.testing.assert_array_equal(picked.labels, [0, 0])
+  assert len(picked) == 2
+
+
 def test_sentence_pairs_and_float_labels_mean_regression(tmp_path):
   path = _write_csv(tmp_path / "stsb.csv", ["sentence1", "sentence2", "label"],
                     [["a", "b", "3.8"], ["c", "d", "1.0"]])
@@ -112,3 +121,20 @@ def test_glue_tasks_cover_the_paper_and_fail_clearly_offline():
     load_glue("squad")
   with pytest.raises(OSError, match="--train_file"):
     load_glue("rte")  # HF_DATASETS_OFFLINE=1 in conftest.py: fails at once
+
+
+def test_encode_pads_pairs_to_a_fixed_length_with_the_embedded_tokenizer(tmp_path):
+  transformers = pytest.importorskip("transformers")
+  from childtuning_jax.data import encode
+  from childtuning_jax.models import embedded_model_path
+
+  tokenizer = transformers.AutoTokenizer.from_pretrained(embedded_model_path())
+  path = _write_csv(tmp_path / "p.csv", ["sentence1", "sentence2", "label"],
+                    [["a fine film", "truly", "1"], ["dull " * 40, "and long", "0"]])
+  arrays = encode(load_local(path), tokenizer, max_seq_length=16)
+  assert {k: v.shape for k, v in arrays.items()} == {
+      "input_ids": (2, 16), "attention_mask": (2, 16), "token_type_ids": (2, 16), "labels": (2,)}
+  assert all(arrays[k].dtype == np.int32 for k in ("input_ids", "attention_mask", "token_type_ids"))
+  assert arrays["attention_mask"][0].sum() < 16 and arrays["attention_mask"][1].sum() == 16
+  assert arrays["token_type_ids"][0].max() == 1  # the second sentence is segment 1
+  np.testing.assert_array_equal(arrays["labels"], [1, 0])
