@@ -110,6 +110,10 @@ def read_rows(path: str | os.PathLike) -> list[dict[str, Any]]:
     raise ValueError(f"{path}: unsupported file type {suffix!r}; use .csv, .tsv, .json or .jsonl.")
   if not rows:
     raise ValueError(f"{path} holds no examples.")
+  for number, row in enumerate(rows, 1):
+    if not isinstance(row, dict):
+      raise ValueError(f"{path}, example {number}: expected an object with named fields, "
+                       f"got {type(row).__name__}.")
   return rows
 
 
@@ -141,7 +145,7 @@ def load_local(path: str | os.PathLike, *, text_columns: tuple[str, ...] | None 
       ``1.0``), as a CSV reader's type inference would decide.
 
   Raises:
-    ValueError: missing column, empty text or label, unknown label, empty file;
+    ValueError: missing column, missing text, empty label, unknown label, empty file;
       the message names the file, the row (counting the header as row 1 for
       CSV, from 1 for JSON) and the column.
   """

@@ -92,6 +92,10 @@ def test_empty_missing_and_unsupported_files(tmp_path):
   other.write_text("x")
   with pytest.raises(ValueError, match="unsupported file type"):
     load_local(other)
+  not_objects = tmp_path / "n.json"
+  not_objects.write_text('[["a", 1]]')
+  with pytest.raises(ValueError, match="example 1: expected an object"):
+    load_local(not_objects)
   bad = tmp_path / "b.jsonl"
   bad.write_text('{"sentence": "a", "label": 1}\n{oops\n')
   with pytest.raises(ValueError, match="line 2: not valid JSON"):
