@@ -6,7 +6,7 @@ Peak memory is the peak resident set size (VmHWM) of a separate process
 that runs only that workload. Writes bench/results/core_<backend>.json and the
 matching section of BENCHMARKS.md.
 
-Run: python bench/bench_core.py            (about 15 minutes on 2 CPU cores)
+Run: python bench/bench_core.py            (about 20 minutes on 2 CPU cores)
      python bench/bench_core.py --quick    (fewer repetitions, no BENCHMARKS.md update)
 """
 
