@@ -6,7 +6,7 @@ with ``simple=True``), in error messages, logs and saved masks.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -92,11 +92,6 @@ def leaf_flags(flags: Any, tree: Any, name: str) -> list[bool]:
 def _short_list(names: list[str], limit: int = 5) -> str:
   shown = ", ".join(f"'{n}'" for n in names[:limit])
   return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
-
-
-def map_with_names(fn: Callable[[str, Any], Any], tree: Any) -> Any:
-  """``jax.tree.map`` whose function also gets the leaf's path name."""
-  return jax.tree_util.tree_map_with_path(lambda path, leaf: fn(path_name(path), leaf), tree)
 
 
 def check_reserve_p(reserve_p: float) -> float:
