@@ -48,6 +48,7 @@ class TextDataset:
   text_a: list[str]
   text_b: list[str] | None
   labels: np.ndarray
+  label_names: list[str] | None = None  # class id -> label as written in the data
 
   def __len__(self) -> int:
     return len(self.text_a)
@@ -58,7 +59,8 @@ class TextDataset:
 
   def subset(self, indices: Sequence[int]) -> "TextDataset":
     pick = lambda texts: [texts[i] for i in indices] if texts is not None else None
-    return TextDataset(self.name, pick(self.text_a), pick(self.text_b), self.labels[np.asarray(indices, int)])
+    return TextDataset(self.name, pick(self.text_a), pick(self.text_b),
+                       self.labels[np.asarray(indices, int)], self.label_names)
 
 
 def load_glue(task_name: str) -> tuple[dict[str, TextDataset], GlueTask]:
@@ -79,8 +81,9 @@ def load_glue(task_name: str) -> tuple[dict[str, TextDataset], GlueTask]:
     columns = raw[split]
     labels = np.asarray(columns["label"], np.float32 if task.num_labels == 1 else np.int32)
     texts = [list(columns[name]) for name in task.text_columns]
+    names = getattr(columns.features["label"], "names", None)  # a ClassLabel's names
     splits[split] = TextDataset(f"{task_name}/{split}", texts[0], texts[1] if len(texts) > 1 else None,
-                                labels)
+                                labels, list(names) if names else None)
   return splits, task
 
 
@@ -184,7 +187,8 @@ def load_local(path: str | os.PathLike, *, text_columns: tuple[str, ...] | None 
                          f"one of the training labels {list(known)}.")
       labels[offset] = index[key]
   texts = [[str(row[name]) for row in rows] for name in text_columns]
-  return TextDataset(Path(path).name, texts[0], texts[1] if len(texts) > 1 else None, labels)
+  return TextDataset(Path(path).name, texts[0], texts[1] if len(texts) > 1 else None, labels,
+                     None if regression else list(known))
 
 
 def _label_key(value: Any) -> str:

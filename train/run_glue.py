@@ -1,0 +1,35 @@
+"""Fine-tune a pretrained encoder with vanilla fine-tuning, Child-Tuning-F or Child-Tuning-D.
+
+Hugging Face run_glue's flags, plus the published Child-Tuning code's
+``--mode`` and ``--reserve_p``::
+
+  python -m train.run_glue --output_dir runs/demo                 # embedded model and data
+  python -m train.run_glue --task_name rte --mode ChildTuning-D --reserve_p 0.3 \\
+      --model_name_or_path bert-large-cased --output_dir runs/rte  # needs the Hub
+
+``python -m train.run_glue --help`` lists every flag.
+"""
+
+import logging
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as `python train/run_glue.py`
+  sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from train import arguments, trainer  # noqa: E402
+
+
+def main(argv=None) -> dict:
+  logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                      datefmt="%H:%M:%S", level=logging.INFO, force=True)
+  logging.getLogger("absl").setLevel(logging.WARNING)  # orbax's per-save chatter
+  model_args, data_args, training_args = arguments.parse(argv)
+  results = trainer.train_and_evaluate(model_args, data_args, training_args)
+  for key, value in results.items():
+    logging.info("  %s = %s", key, value)
+  return results
+
+
+if __name__ == "__main__":
+  main()
