@@ -33,9 +33,11 @@ def test_local_files_subsampling_and_extra_sets(tmp_path):
   other_seed = input_pipeline.load_datasets(train_file=str(train), validation_file=str(dev),
                                             max_train_samples=30, seed=6)
   assert other_seed.train.text_a != data.train.text_a
-  with pytest.raises(ValueError, match="named 'dev'"):
+  (tmp_path / "b").mkdir()
+  same_name = tiny_run.write_csv(tmp_path / "b" / "other.csv", 10, seed=4)
+  with pytest.raises(ValueError, match="named 'other'"):
     input_pipeline.load_datasets(train_file=str(train), validation_file=str(dev),
-                                 extra_eval_files=[str(dev)])
+                                 extra_eval_files=[str(extra), str(same_name)])
   with pytest.raises(ValueError, match="needs a --validation_file"):
     input_pipeline.load_datasets(train_file=str(train))
   with pytest.raises(ValueError, match="not both"):
