@@ -8,6 +8,7 @@ matching section of BENCHMARKS.md.
 
 Run: python bench/bench_core.py            (about 20 minutes on 2 CPU cores)
      python bench/bench_core.py --quick    (fewer repetitions, no BENCHMARKS.md update)
+     python bench/bench_core.py --only fisher,peak_memory_mib   (some sections, printed only)
 """
 
 import argparse
@@ -41,9 +42,13 @@ def init_params(config, seed=0):
   return model, jax.jit(model.init)(jax.random.key(seed), ids)["params"]
 
 
-def classification_loss(model, params, batch, dropout_key=None):
-  """Mean cross-entropy; dropout on when a key is given."""
-  logits = model.apply({"params": params}, batch["input_ids"], batch["attention_mask"],
+def classification_loss(model, params, batch, dropout_key=None, row_offsets=None):
+  """Mean cross-entropy; dropout on when a key is given; ``row_offsets`` for the Fisher's
+  row-sparse word-embedding gradients."""
+  variables = {"params": params}
+  if row_offsets is not None:
+    variables["perturbations"] = model.perturbations(row_offsets)
+  logits = model.apply(variables, batch["input_ids"], batch["attention_mask"],
                        deterministic=dropout_key is None,
                        rngs=None if dropout_key is None else {"dropout": dropout_key})
   return optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"]).mean()
@@ -210,12 +215,16 @@ def bench_fisher(config, reps):
   """Per-example Fisher over one batch vs one batched forward+backward on the same batch."""
   model, params = init_params(config)
   batch = fake_batch(config)
-  loss = lambda p, b: classification_loss(model, p, b)
+  loss = lambda p, b, row_offsets=None: classification_loss(model, p, b, row_offsets=row_offsets)
+  lookups = {model.word_embeddings_path: "input_ids"}
   batched_grad = jax.jit(jax.grad(loss))
   device_batch = jax.device_put(batch)
   fns = {
       "batched forward+backward": lambda: batched_grad(params, device_batch),
-      "per-example Fisher": lambda: estimate_fisher(loss, params, [batch], chunk_size=BATCH),
+      "per-example Fisher": lambda: estimate_fisher(
+          loss, params, [batch], chunk_size=BATCH, embedding_lookups=lookups),
+      "per-example Fisher, dense word-embedding gradients":
+          lambda: estimate_fisher(loss, params, [batch], chunk_size=BATCH),
       "batch-gradient Fisher (published recipe)":
           lambda: estimate_fisher(loss, params, [batch], chunk_size=BATCH, per_example=False),
   }
@@ -234,7 +243,9 @@ def run_workload(name):
   elif name == "per-example Fisher":
     for _ in range(2):
       jax.block_until_ready(estimate_fisher(
-          lambda p, b: classification_loss(model, p, b), params, [batch], chunk_size=BATCH))
+          lambda p, b, row_offsets: classification_loss(model, p, b, row_offsets=row_offsets),
+          params, [batch], chunk_size=BATCH,
+          embedding_lookups={model.word_embeddings_path: "input_ids"}))
   else:
     raise ValueError(name)
   # VmHWM, not ru_maxrss: the latter keeps the high-water mark of the parent across fork/exec.
@@ -315,6 +326,8 @@ def update_benchmarks_md(section, backend):
 def main():
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   parser.add_argument("--quick", action="store_true", help="few repetitions; print only")
+  parser.add_argument("--only", help="comma-separated sections (e.g. fisher,peak_memory_mib); "
+                      "print only")
   parser.add_argument("--workload", help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.workload:
@@ -330,9 +343,13 @@ def main():
                   ("train_step", lambda: bench_train_step(MINILM_L6, reps)),
                   ("fisher", lambda: bench_fisher(MINILM_L6, max(3, reps // 2))),
                   ("peak_memory_mib", peak_memory)):
+    if args.only and key not in args.only.split(","):
+      continue
     results[key] = fn()
     print(key, json.dumps(results[key], indent=1), flush=True)
   results["wall_minutes"] = (time.time() - start) / 60
+  if args.only:
+    return
   section = render(results)
   print(section)
   if not args.quick:

@@ -9,7 +9,7 @@ mini-batch gradients instead; that estimator is available as
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Iterable, Iterator, Literal
+from typing import Any, Callable, Iterable, Iterator, Literal, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -33,6 +33,7 @@ def estimate_fisher(
     label_key: str = "labels",
     key: jax.Array | int = 0,
     data_sharding: jax.sharding.Sharding | None = None,
+    embedding_lookups: Mapping[str, str] | None = None,
     progress: bool = False,
 ) -> Any:
   """Diagonal Fisher information of ``params`` over a data set (paper Eq. 10).
@@ -72,6 +73,19 @@ def estimate_fisher(
       leading axis split over devices), so the pass runs data-parallel;
       ``chunk_size`` must be divisible by the number of shards. Put
       ``params`` replicated on the same devices.
+    embedding_lookups: ``{table_path: ids_key}`` for leaves that are
+      embedding tables (``[vocab, dim]``) looked up with the integer
+      ``batch[ids_key]`` (``[batch, length]``), e.g.
+      ``{"bert/embeddings/word_embeddings/embedding": "input_ids"}``. An
+      example's gradient of a table is zero outside the rows it looks up;
+      instead of materialising it (``vocab × dim`` per example, most of the
+      cost for a text encoder) the estimator differentiates with respect to
+      the looked-up rows and adds their squares (summed first over repeats
+      of a token within the example) into those rows: the same result.
+      ``loss_fn`` is then called as ``loss_fn(params, batch, row_offsets)``
+      and must add ``row_offsets[table_path]`` (zeros, ``[batch, length,
+      dim]``) to the rows it looks up (with Flax Linen: ``Module.perturb``).
+      Only for ``per_example=True``.
     progress: show a progress bar (examples, examples/s).
 
   Returns:
@@ -79,7 +93,9 @@ def estimate_fisher(
 
   Raises:
     ValueError: if ``batches`` holds no example, a batch's leaves disagree on
-      the batch size, or the options do not fit together.
+      the batch size, the options do not fit together, an
+      ``embedding_lookups`` entry names no 2-D leaf or no batch entry, or
+      ``loss_fn`` ignored ``row_offsets`` (the table's Fisher is all zero).
 
   Examples:
     >>> import jax, jax.numpy as jnp, numpy as np
@@ -111,11 +127,12 @@ def estimate_fisher(
     raise ValueError(
         f"chunk_size={chunk_size} must be divisible by the {data_sharding.num_devices} "
         "devices of data_sharding.")
+  lookups = _check_lookups(embedding_lookups, params, per_example)
   base_key = _trees.canonicalize_key(key)
   try:
-    functions = _cached_chunk_functions(loss_fn, fisher_type, logits_fn, label_key)
+    functions = _cached_chunk_functions(loss_fn, fisher_type, logits_fn, label_key, lookups)
   except TypeError:  # an unhashable loss_fn: build them afresh
-    functions = _chunk_functions(loss_fn, fisher_type, logits_fn, label_key)
+    functions = _chunk_functions(loss_fn, fisher_type, logits_fn, label_key, lookups)
   add_squared_example_grads, weighted_grad_sum = functions
 
   zeros = lambda: jax.tree.map(lambda x: jnp.zeros(jnp.shape(x), jnp.float32), params)
@@ -126,6 +143,8 @@ def estimate_fisher(
   chunks = _padded_chunks(batches, chunk_size, keep_batches_apart=not per_example)
   for chunk_index, (chunk, num_valid, ends_batch) in enumerate(chunks):
     weights = (np.arange(chunk_size) < num_valid).astype(np.float32)
+    if chunk_index == 0:
+      _check_lookup_ids(lookups, chunk)
     if data_sharding is not None:
       chunk, weights = jax.device_put((chunk, weights), data_sharding)
     if per_example:
@@ -145,30 +164,105 @@ def estimate_fisher(
   if num_examples == 0:
     raise ValueError("estimate_fisher got no examples: batches is empty.")
   denominator = num_examples if per_example else num_batches
-  return jax.tree.map(lambda t: t / denominator, total)
+  total = jax.tree.map(lambda t: t / denominator, total)
+  leaves = dict(_trees.named_leaves(total))
+  for path, _ in lookups:
+    if not bool(jnp.any(leaves[path] != 0)):
+      raise ValueError(f"the Fisher of {path} is all zero: loss_fn must add "
+                       f"row_offsets[{path!r}] to the rows it looks up from that table.")
+  return total
 
 
-def _chunk_functions(loss_fn, fisher_type, logits_fn, label_key):
+def _check_lookups(embedding_lookups, params, per_example) -> tuple[tuple[str, str], ...]:
+  """``embedding_lookups`` as a hashable tuple, after checking it names 2-D leaves."""
+  if not embedding_lookups:
+    return ()
+  if not per_example:
+    raise ValueError("embedding_lookups speeds up per-example gradients; with "
+                     "per_example=False the batch gradient is dense anyway: drop it.")
+  leaves = dict(_trees.named_leaves(params))
+  for path, ids_key in embedding_lookups.items():
+    if path not in leaves:
+      raise ValueError(f"embedding_lookups names {path!r}, which is not a leaf of params "
+                       f"(leaves look like {next(iter(leaves))!r}).")
+    if np.ndim(leaves[path]) != 2:
+      raise ValueError(f"embedding table {path!r} must be 2-D [vocab, dim], got shape "
+                       f"{np.shape(leaves[path])}.")
+  return tuple(sorted(embedding_lookups.items()))
+
+
+def _check_lookup_ids(lookups, chunk) -> None:
+  for path, ids_key in lookups:
+    if not isinstance(chunk, Mapping) or ids_key not in chunk:
+      raise ValueError(f"embedding_lookups: batches have no entry {ids_key!r} for {path!r}.")
+    ids = chunk[ids_key]
+    if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
+      raise ValueError(f"embedding_lookups: batch[{ids_key!r}] must be integer ids of shape "
+                       f"[batch, length], got {ids.dtype} {ids.shape}.")
+
+
+def _chunk_functions(loss_fn, fisher_type, logits_fn, label_key, lookups=()):
   """The two jitted per-chunk computations."""
 
-  def example_loss(params, example, example_key):
+  def example_loss(params, example, example_key, offsets=None):
     batch = jax.tree.map(lambda x: x[None], example)
     if fisher_type == "true":
       logits = jax.lax.stop_gradient(logits_fn(params, batch))
       sampled = jax.random.categorical(example_key, logits, axis=-1)
       batch = {**batch, label_key: sampled.astype(batch[label_key].dtype)}
-    return loss_fn(params, batch)
+    if offsets is None:
+      return loss_fn(params, batch)
+    return loss_fn(params, batch, {path: offset[None] for path, offset in offsets.items()})
 
   def example_keys(base_key, chunk_index, n):
     return jax.random.split(jax.random.fold_in(base_key, chunk_index), n)
 
+  def squared_example_grads(params, chunk, keys):
+    """``{leaf_index: per-example squares [b, ...]}``; for a table ``(ids, squared rows)``."""
+    if not lookups:
+      grads = jax.vmap(jax.grad(example_loss), in_axes=(None, 0, 0))(params, chunk, keys)
+      return {i: jnp.square(g.astype(jnp.float32)) for i, g in enumerate(jax.tree.leaves(grads))}
+    # Tables are closed over (no dense cotangent); their gradient flows through row offsets.
+    names = [name for name, _ in _trees.named_leaves(params)]
+    leaves, treedef = jax.tree.flatten(params)
+    table_index = {names.index(path): path for path, _ in lookups}
+    rest = [leaf for i, leaf in enumerate(leaves) if i not in table_index]
+
+    def loss_of(rest, offsets, example, key):
+      it = iter(rest)
+      full = [leaves[i] if i in table_index else next(it) for i in range(len(leaves))]
+      return example_loss(jax.tree.unflatten(treedef, full), example, key, offsets)
+
+    offsets = {path: jnp.zeros(chunk[ids_key].shape + leaves[names.index(path)].shape[1:],
+                               leaves[names.index(path)].dtype) for path, ids_key in lookups}
+    rest_grads, row_grads = jax.vmap(jax.grad(loss_of, argnums=(0, 1)), in_axes=(None, 0, 0, 0))(
+        rest, offsets, chunk, keys)
+    squares = {}
+    rest_indices = [i for i in range(len(leaves)) if i not in table_index]
+    for i, g in zip(rest_indices, rest_grads):
+      squares[i] = jnp.square(g.astype(jnp.float32))
+    for path, ids_key in lookups:
+      ids = chunk[ids_key]
+      # An example's gradient of row v is the sum over its positions holding token v.
+      same = (ids[:, :, None] == ids[:, None, :]).astype(jnp.float32)  # [b, t, t]
+      rows = jnp.einsum("bts,bsd->btd", same, row_grads[path].astype(jnp.float32))
+      # Each distinct token's square once: every one of its `count` positions adds 1/count.
+      squares[names.index(path)] = (ids, jnp.square(rows) / same.sum(-1)[..., None])
+    return squares
+
   @functools.partial(jax.jit, donate_argnums=0)
   def add_squared_example_grads(total, params, chunk, weights, base_key, chunk_index):
     keys = example_keys(base_key, chunk_index, weights.shape[0])
-    grads = jax.vmap(jax.grad(example_loss), in_axes=(None, 0, 0))(params, chunk, keys)
-    return jax.tree.map(
-        lambda t, g: t + jnp.einsum("b,b...->...", weights, jnp.square(g.astype(jnp.float32))),
-        total, grads)
+    squares = squared_example_grads(params, chunk, keys)
+    leaves, treedef = jax.tree.flatten(total)
+    for i, square in squares.items():
+      if isinstance(square, tuple):  # (ids [b, t], squared rows [b, t, d]) of a table
+        ids, rows = square
+        rows = rows * weights[:, None, None]
+        leaves[i] = leaves[i].at[ids.reshape(-1)].add(rows.reshape(-1, rows.shape[-1]))
+      else:
+        leaves[i] = leaves[i] + jnp.einsum("b,b...->...", weights, square)
+    return jax.tree.unflatten(treedef, leaves)
 
   @jax.jit
   def weighted_grad_sum(params, chunk, weights, base_key, chunk_index):

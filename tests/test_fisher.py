@@ -198,3 +198,67 @@ def test_bfloat16_params_give_float32_fisher():
   want = _brute_force_fisher(jax.tree.map(lambda x: x.astype(jnp.float32), params), _data([3]))
   for g, w in zip(jax.tree.leaves(fisher), jax.tree.leaves(want)):
     np.testing.assert_allclose(g, w, rtol=0.1, atol=1e-3)
+
+
+def _tiny_encoder():
+  from childtuning_jax.models import EncoderConfig, EncoderForSequenceClassification
+
+  config = EncoderConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=24, max_position_embeddings=16, num_labels=3)
+  model = EncoderForSequenceClassification(config)
+  params = model.init(jax.random.key(0), jnp.zeros((1, 12), jnp.int32))["params"]
+  rng = np.random.default_rng(0)
+  ids = rng.integers(1, 12, (7, 12)).astype(np.int32)  # a small vocabulary: many repeats
+  ids[:, 0] = 2
+  mask = np.ones_like(ids)
+  mask[3, 8:] = 0
+  ids[3, 8:] = 0
+  data = {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids),
+          "labels": rng.integers(0, 3, 7).astype(np.int32)}
+  return model, params, data
+
+
+def _encoder_loss(model):
+  def loss_fn(params, batch, row_offsets=None):
+    variables = {"params": params}
+    if row_offsets is not None:
+      variables["perturbations"] = model.perturbations(row_offsets)
+    logits = model.apply(variables, batch["input_ids"], batch["attention_mask"],
+                         batch["token_type_ids"])
+    return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(len(logits)), batch["labels"]])
+  return loss_fn
+
+
+@pytest.mark.parametrize("fisher_type", ["empirical", "true"])
+def test_embedding_lookups_give_the_dense_result(fisher_type):
+  model, params, data = _tiny_encoder()
+  loss_fn = _encoder_loss(model)
+  logits_fn = lambda p, b: model.apply({"params": p}, b["input_ids"], b["attention_mask"],
+                                       b["token_type_ids"])
+  options = dict(chunk_size=4, fisher_type=fisher_type, logits_fn=logits_fn, key=3)
+  dense = estimate_fisher(loss_fn, params, [data], **options)
+  rows = estimate_fisher(loss_fn, params, [data], **options,
+                         embedding_lookups={model.word_embeddings_path: "input_ids"})
+  table = dense["bert"]["embeddings"]["word_embeddings"]["embedding"]
+  # ids 1..11 are used; the padding id 0 is masked out of attention, so its rows get no gradient.
+  assert np.count_nonzero(np.asarray(table).any(axis=1)) == 11
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-12), dense, rows)
+
+
+def test_embedding_lookups_refuse_what_they_cannot_do():
+  model, params, data = _tiny_encoder()
+  loss_fn = _encoder_loss(model)
+  table = model.word_embeddings_path
+  with pytest.raises(ValueError, match="not a leaf of params"):
+    estimate_fisher(loss_fn, params, [data], embedding_lookups={"bert/nope": "input_ids"})
+  with pytest.raises(ValueError, match="must be 2-D"):
+    estimate_fisher(loss_fn, params, [data],
+                    embedding_lookups={"bert/embeddings/LayerNorm/scale": "input_ids"})
+  with pytest.raises(ValueError, match="no entry 'ids'"):
+    estimate_fisher(loss_fn, params, [data], embedding_lookups={table: "ids"})
+  with pytest.raises(ValueError, match="per_example=False"):
+    estimate_fisher(loss_fn, params, [data], per_example=False,
+                    embedding_lookups={table: "input_ids"})
+  ignores_offsets = lambda p, b, row_offsets: loss_fn(p, b)
+  with pytest.raises(ValueError, match="all zero"):
+    estimate_fisher(ignores_offsets, params, [data], embedding_lookups={table: "input_ids"})

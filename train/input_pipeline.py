@@ -165,9 +165,10 @@ def place(batch: dict[str, np.ndarray], sharding: jax.sharding.NamedSharding) ->
   data axis; each process hands over only the rows its devices hold."""
   if jax.process_count() == 1:
     return jax.device_put(batch, sharding)
-  rows = len(next(iter(batch.values())))
-  per_process = rows // jax.process_count()
-  start = jax.process_index() * per_process
-  return {name: jax.make_array_from_process_local_data(sharding, values[start:start + per_process],
-                                                       values.shape)
-          for name, values in batch.items()}
+  placed = {}
+  for name, values in batch.items():
+    # The rows this process's devices hold (contiguous for a one-axis data mesh).
+    rows = [index[0] for index in sharding.addressable_devices_indices_map(values.shape).values()]
+    start, stop = min(r.start or 0 for r in rows), max(r.stop or len(values) for r in rows)
+    placed[name] = jax.make_array_from_process_local_data(sharding, values[start:stop], values.shape)
+  return placed

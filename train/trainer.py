@@ -107,9 +107,16 @@ def child_network_of(opt_state: Any) -> Any:
 # ----------------------------------------------------------------------------- steps
 
 
-def per_example_losses(model, params, batch, *, is_regression: bool, dropout_key=None):
-  """``(losses, predictions)``: cross-entropy and class ids, or squared error and scores."""
-  logits = model.apply({"params": params}, *(batch[name] for name in MODEL_INPUTS),
+def per_example_losses(model, params, batch, *, is_regression: bool, dropout_key=None,
+                       row_offsets=None):
+  """``(losses, predictions)``: cross-entropy and class ids, or squared error and scores.
+
+  ``row_offsets`` (from ``estimate_fisher``'s ``embedding_lookups``) are added to the
+  looked-up word embeddings."""
+  variables = {"params": params}
+  if row_offsets is not None:
+    variables["perturbations"] = model.perturbations(row_offsets)
+  logits = model.apply(variables, *(batch[name] for name in MODEL_INPUTS),
                        deterministic=dropout_key is None,
                        rngs=None if dropout_key is None else {"dropout": dropout_key})
   if is_regression:
@@ -199,15 +206,20 @@ def estimate_child_network(model, params, train_arrays, datasets, args: Training
   examples = input_pipeline.take(train_arrays, indices)
   chunk_size = -(-args.fisher_batch_size // run.num_devices) * run.num_devices
 
-  def loss_fn(params, batch):
-    losses, _ = per_example_losses(model, params, batch, is_regression=datasets.is_regression)
+  def loss_fn(params, batch, row_offsets=None):
+    losses, _ = per_example_losses(model, params, batch, is_regression=datasets.is_regression,
+                                   row_offsets=row_offsets)
     return losses.mean()
+
+  per_example = args.fisher_estimator == "per_example"
+  # Per-example word-embedding gradients row by row instead of dense vocab x hidden tables.
+  lookups = {model.word_embeddings_path: "input_ids"} if per_example else None
 
   batches = (input_pipeline.take(examples, np.arange(start, min(start + chunk_size, count)))
              for start in range(0, count, chunk_size))
   logger.info("Fisher information over %d training examples (%s)", count, args.fisher_estimator)
   fisher = ct.estimate_fisher(loss_fn, params, batches, chunk_size=chunk_size,
-                              per_example=args.fisher_estimator == "per_example",
+                              per_example=per_example, embedding_lookups=lookups,
                               data_sharding=run.data, progress=run.progress)
   pattern = re.compile(args.always_trainable) if args.always_trainable else None
   always = (lambda path: bool(pattern.search(_trees.path_name(path)))) if pattern else None

@@ -101,6 +101,9 @@ def _layer_norm(config: EncoderConfig, name: str = "LayerNorm") -> nn.LayerNorm:
   return nn.LayerNorm(epsilon=config.layer_norm_eps, name=name)
 
 
+WORD_ROWS = "word_embeddings_rows"
+
+
 class Embeddings(nn.Module):
   config: EncoderConfig
 
@@ -109,7 +112,9 @@ class Embeddings(nn.Module):
     c = self.config
     embed = lambda size, name: nn.Embed(
         size, c.hidden_size, embedding_init=nn.initializers.normal(c.initializer_range), name=name)
-    x = (embed(c.vocab_size, "word_embeddings")(input_ids)
+    # perturb: a no-op unless a "perturbations" collection is passed; the Fisher estimator
+    # differentiates through it to get per-example word-embedding gradients row by row.
+    x = (self.perturb(WORD_ROWS, embed(c.vocab_size, "word_embeddings")(input_ids))
          + embed(c.max_position_embeddings, "position_embeddings")(position_ids)
          + embed(c.type_vocab_size, "token_type_embeddings")(token_type_ids))
     x = _layer_norm(c)(x)
@@ -239,6 +244,18 @@ class EncoderForSequenceClassification(nn.Module):
       pooled = nn.Dropout(c.classifier_dropout_rate)(pooled, deterministic)
       return _dense(c, c.num_labels, "classifier")(pooled)
     return ClassificationHead(c, name="classifier")(sequence[:, 0], deterministic)
+
+
+  @property
+  def word_embeddings_path(self) -> str:
+    """The word-embedding table's path in the parameters (for ``estimate_fisher``'s
+    ``embedding_lookups={model.word_embeddings_path: "input_ids"}``)."""
+    return f"{self.config.model_type}/embeddings/word_embeddings/embedding"
+
+  def perturbations(self, row_offsets: dict) -> dict:
+    """The ``"perturbations"`` collection that adds ``row_offsets[word_embeddings_path]``
+    (``[batch, length, hidden]``) to the looked-up word embeddings."""
+    return {self.config.model_type: {"embeddings": {WORD_ROWS: row_offsets[self.word_embeddings_path]}}}
 
 
 class ClassificationHead(nn.Module):

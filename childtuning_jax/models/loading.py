@@ -170,6 +170,8 @@ def assign_checkpoint(params: Any, tensors: dict[str, np.ndarray], model_type: s
   filled: dict[str, np.ndarray] = {}
   unexpected, mismatched = [], []
   for name, tensor in tensors.items():
+    if name.endswith("embeddings.position_ids"):
+      continue  # a buffer (0, 1, 2, ...) older checkpoints saved; not a parameter
     path = _flax_path(name if has_prefix or name.startswith(_HEAD + ".") else base_prefix + name,
                       target)
     if path is None:
