@@ -104,13 +104,9 @@ def random_mask(params, p=RESERVE_P):
   return jax.tree.map(lambda x: rng.random(x.shape) < p, params)
 
 
-def alternating_medians(fns, reps):
-  """Times each of fns once per repetition, in a new random order each repetition.
-
-  Returns {name: {"median_s": median seconds, "ratio": median over repetitions of this
-  variant's time / the first variant's time in the same repetition}}. Paired ratios cancel
-  most of the drift of a shared 2-core machine.
-  """
+def alternating_times(fns, reps):
+  """Times each of fns once per repetition, in a new random order each repetition, after
+  one untimed warm-up call each. Returns {name: [seconds per repetition]}."""
   for fn in fns.values():
     jax.block_until_ready(fn())
   names = list(fns)
@@ -121,17 +117,25 @@ def alternating_medians(fns, reps):
       start = time.perf_counter()
       jax.block_until_ready(fns[name]())
       times[name].append(time.perf_counter() - start)
-  base = np.array(times[names[0]])
-  results = {}
-  for name, t in times.items():
-    ratios = np.array(t) / base
-    # 95% bootstrap interval of the median paired ratio.
-    rng = np.random.default_rng(0)
-    medians = np.median(rng.choice(ratios, (2000, len(ratios))), axis=1)
-    results[name] = {"median_s": float(np.median(t)), "ratio": float(np.median(ratios)),
-                     "ratio_95ci": [float(np.percentile(medians, 2.5)),
-                                    float(np.percentile(medians, 97.5))]}
-  return results
+  return times
+
+
+def paired_ratio(times, base):
+  """Median and 95% bootstrap interval of the per-repetition ratio ``times / base``."""
+  ratios = np.array(times) / np.array(base)
+  rng = np.random.default_rng(0)
+  medians = np.median(rng.choice(ratios, (2000, len(ratios))), axis=1)
+  return {"median_s": float(np.median(times)), "ratio": float(np.median(ratios)),
+          "ratio_95ci": [float(np.percentile(medians, 2.5)), float(np.percentile(medians, 97.5))]}
+
+
+def alternating_medians(fns, reps):
+  """{name: {"median_s", "ratio", "ratio_95ci"}}: each variant's ratio is to the first
+  variant in the same repetition. Paired ratios cancel most of the drift of a shared
+  2-core machine."""
+  times = alternating_times(fns, reps)
+  base = times[next(iter(fns))]
+  return {name: paired_ratio(t, base) for name, t in times.items()}
 
 
 def fake_batch(config, seed=0):
@@ -311,15 +315,16 @@ def render(results):
   return "\n".join(lines) + "\n"
 
 
-def update_benchmarks_md(section, backend):
+def update_benchmarks_md(section, backend, name="bench_core", title="Core library"):
+  """Replaces the script's own marked section of BENCHMARKS.md (appends it the first time)."""
   path = ROOT / "BENCHMARKS.md"
-  start, end = f"<!-- bench_core:{backend}:start -->", f"<!-- bench_core:{backend}:end -->"
+  start, end = f"<!-- {name}:{backend}:start -->", f"<!-- {name}:{backend}:end -->"
   text = path.read_text() if path.exists() else "# Benchmarks\n"
   block = f"{start}\n{section}{end}"
   if start in text:
     text = text[:text.index(start)] + block + text[text.index(end) + len(end):]
   else:
-    text = text.rstrip("\n") + f"\n\n## Core library ({backend})\n\n{block}\n"
+    text = text.rstrip("\n") + f"\n\n## {title} ({backend})\n\n{block}\n"
   path.write_text(text)
 
 
