@@ -145,13 +145,16 @@ def torch_per_example_fisher(model, batch):
   model.eval()
   params = {name: p.detach() for name, p in model.named_parameters()}
 
-  def example_loss(params, ids, mask, types, label):
-    logits = functional_call(model, params, (), {"input_ids": ids[None], "attention_mask": mask[None],
+  def example_loss(params, ids, bias, types, label):
+    logits = functional_call(model, params, (), {"input_ids": ids[None], "attention_mask": bias[None],
                                                  "token_type_ids": types[None]}).logits
     return F.cross_entropy(logits, label[None])
 
+  # A ready 4-D additive mask: transformers' own mask building has data-dependent branches
+  # that torch.func.vmap refuses.
+  bias = (1.0 - batch["attention_mask"][:, None, None, :].float()) * torch.finfo(torch.float32).min
   grads = vmap(grad(example_loss), in_dims=(None, 0, 0, 0, 0))(
-      params, batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], batch["labels"])
+      params, batch["input_ids"], bias, batch["token_type_ids"], batch["labels"])
   model.train()
   return {name: g.square().sum(0) for name, g in grads.items()}
 
@@ -169,7 +172,7 @@ def jax_transforms(params):
   for mode in MODES:
     args = TrainingArguments(output_dir="-", mode=mode, reserve_p=RESERVE_P, learning_rate=LR,
                              weight_decay=0.0, max_grad_norm=1.0)
-    transforms[mode] = trainer.optimizer(args, optax.constant_schedule(LR), key=jax.random.key(0),
+    transforms[mode] = trainer.optimizer(args, optax.constant_schedule(LR), params, key=jax.random.key(0),
                                          mask=mask if mode == "ChildTuning-D" else None)
   return transforms
 

@@ -214,7 +214,9 @@ def child_tuning_driven(mask: Any) -> optax.GradientTransformation:
 
   def init_fn(params):
     _trees.check_same_shapes(mask, params, "mask", "params")
-    return ChildTuningDrivenState(mask=jax.tree.map(jnp.asarray, mask))
+    # A copy: the sandwich holds two of these states, and a jitted step that donates its
+    # state cannot donate one buffer twice.
+    return ChildTuningDrivenState(mask=jax.tree.map(jnp.array, mask))
 
   def update_fn(updates, state, params=None):
     del params

@@ -1,18 +1,21 @@
 """train/run_glue.py end to end on a tiny random BERT and tiny files: outputs, learning,
-8 devices against 1, exact resume after a crash, and clear errors."""
+8 devices against 1, exact resume after a crash, clear errors, and the prior methods."""
 
 import json
 import shutil
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 pytest.importorskip("transformers")
 pytest.importorskip("torch")
 
 import childtuning_jax as ct  # noqa: E402
+import childtuning_jax.models  # noqa: E402,F401
 import tiny_run  # noqa: E402
 from train import arguments, checkpoints, run_glue, trainer  # noqa: E402
 
@@ -223,3 +226,67 @@ def test_layer_groups():
   assert trainer.layer_of("roberta/embeddings/word_embeddings/embedding") == "embeddings"
   assert trainer.layer_of("bert/pooler/dense/kernel") == "pooler"
   assert trainer.layer_of("classifier/out_proj/kernel") == "classifier"
+
+
+def test_prior_methods_compose_and_learn(tiny, tmp_path):
+  results = run(tiny, tmp_path / "all", "--mode", "vanilla", "--learning_rate", "3e-3",
+                "--num_train_epochs", "8", "--per_device_train_batch_size", "4", "--num_devices", "4",
+                "--decay_to_pretrained", "1e-3", "--recadam_k", "0.5", "--recadam_t0", "10",
+                "--recadam_strength", "30", "--mixout_p", "0.1", "--r3f_sigma", "0.1",
+                "--save_steps", "1000")
+  assert results["eval_accuracy"] >= 0.95, results
+  # The paper's CT-D + R3F.
+  results = run(tiny, tmp_path / "ctd_r3f", "--mode", "ChildTuning-D", "--r3f_sigma", "0.5",
+                "--max_steps", "3", "--fisher_num_examples", "32")
+  assert np.isfinite(results["eval_loss"])
+
+
+def _tiny_setup(tiny, **flags):
+  args = arguments.TrainingArguments(output_dir="-", **flags)
+  model, params = ct.models.load_pretrained(tiny["model"], 2)
+  return args, model, params
+
+
+def test_top_k_tuning_trains_only_the_top_layers_and_the_head(tiny):
+  args, model, params = _tiny_setup(tiny, mode="vanilla", top_k_layers=1, weight_decay=0.1)
+  tx = trainer.optimizer(args, optax.constant_schedule(1e-3), params, key=jax.random.key(0))
+  grads = jax.tree.map(jnp.ones_like, params)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  moved = {name: bool(np.any(u != 0)) for name, u in ct._trees.named_leaves(updates)}
+  assert not any(moved[n] for n in moved if "/embeddings/" in n or "/layer_0/" in n)
+  assert all(moved[n] for n in moved if "/layer_1/" in n or n.startswith(("classifier", "bert/pooler")))
+  with pytest.raises(ValueError, match="--mode vanilla"):
+    trainer.check_method_flags(arguments.TrainingArguments(
+        output_dir="-", mode="ChildTuning-F", top_k_layers=1), is_regression=False)
+  with pytest.raises(ValueError, match="overshoots"):
+    trainer.check_method_flags(arguments.TrainingArguments(
+        output_dir="-", learning_rate=1e-3, recadam_k=0.5), is_regression=False)
+  with pytest.raises(ValueError, match="classification only"):
+    trainer.check_method_flags(arguments.TrainingArguments(output_dir="-", r3f_sigma=0.5),
+                               is_regression=True)
+
+
+def test_r3f_adds_the_symmetric_kl_of_a_noisy_pass(tiny):
+  args, model, params = _tiny_setup(tiny)
+  tx = optax.sgd(0.0)
+  state = trainer.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                             dropout_key=jax.random.key(0))
+  rng = np.random.default_rng(0)
+  batch = {"input_ids": jnp.asarray(rng.integers(5, 30, (4, 8)), jnp.int32),
+           "attention_mask": jnp.ones((4, 8), jnp.int32), "token_type_ids": jnp.zeros((4, 8), jnp.int32),
+           "labels": jnp.array([0, 1, 1, 0])}
+  schedule = optax.constant_schedule(0.0)
+  plain = trainer.make_train_step(model, tx, schedule, is_regression=False)(state, batch)[1]["loss"]
+  noisy = trainer.make_train_step(model, tx, schedule, is_regression=False,
+                                  r3f=(1.0, "normal", 2.0))(state, batch)[1]["loss"]
+  # The clean pass is the same (same dropout key), so the difference is 2 * KL_S > 0.
+  assert float(noisy) > float(plain)
+  mixed = trainer.make_train_step(model, tx, schedule, is_regression=False, mixout_p=0.5)(
+      state.replace(pretrained=jax.tree.map(jnp.zeros_like, params)), batch)[1]["loss"]
+  assert float(mixed) != float(plain)
+
+
+def test_top_k_tuning_runs_with_a_donated_state(tiny, tmp_path):
+  # The CT-D sandwich holds its mask twice; jax-array masks must not share a donated buffer.
+  results = run(tiny, tmp_path, "--mode", "vanilla", "--top_k_layers", "1", "--max_steps", "3")
+  assert np.isfinite(results["eval_loss"])

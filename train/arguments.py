@@ -80,6 +80,28 @@ class TrainingArguments:
       "per_example", "CT-D: 'per_example' squares each example's gradient (the paper's Eq. 10); "
       "'batch' squares mini-batch gradients of --fisher_batch_size examples, as the published "
       "code does.", choices=("per_example", "batch"))
+  decay_to_pretrained: float = _field(
+      0.0, "Prior method 'Weight Decay': add the gradient of λ‖w − w0‖², pulling toward the "
+      "pretrained weights (0: off; the paper searches 1e-4 to 10). Any mode.")
+  top_k_layers: int | None = _field(
+      None, "Prior method 'Top-K tuning': train only the top K encoder layers, the pooler and "
+      "the head (vanilla mode only; the paper searches 0, 3, 6, 12 of 24).")
+  mixout_p: float = _field(
+      0.0, "Prior method 'Mixout': in training, replace entries of the pretrained weight "
+      "matrices by their pretrained values with this probability (0: off; paper 0.1-0.8).")
+  recadam_k: float | None = _field(
+      None, "Prior method 'RecAdam': the annealing rate k of λ(t) = sigmoid(k (t - t0)) "
+      "(on when given; the paper searches 0.05-1).")
+  recadam_t0: int = _field(250, "RecAdam's t0 (the paper searches 50, 100, 250, 500).")
+  recadam_strength: float = _field(
+      5000.0, "RecAdam's pull coefficient (pretrain_cof; 5000 in the RecAdam code's setting).")
+  r3f_sigma: float = _field(
+      0.0, "Prior method 'R3F': noise scale σ on the input word embeddings, adding "
+      "λ·KL_S(f(x) ‖ f(x + z)) to the loss (0: off; paper 0.1-5; classification only). Any mode: "
+      "the paper's CT-D + R3F is --mode ChildTuning-D --r3f_sigma σ.")
+  r3f_noise: Literal["normal", "uniform"] = _field(
+      "normal", "R3F's noise distribution: N(0, σ²) or U(-σ, σ).", choices=("normal", "uniform"))
+  r3f_lambda: float = _field(1.0, "R3F's λ (1 in the paper).")
   per_device_train_batch_size: int = _field(16, "Training examples per device per step.")
   per_device_eval_batch_size: int = _field(64, "Evaluation examples per device per batch.")
   learning_rate: float = _field(5e-5, "Peak learning rate of AdamW.")

@@ -31,7 +31,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
 import childtuning_jax as ct
-from childtuning_jax import _trees
+from childtuning_jax import _trees, regularizers
 from childtuning_jax.data import batch_indices
 from childtuning_jax.metrics import compute_metrics
 from childtuning_jax.models import embedded_model_path, load_pretrained, resolve_checkpoint
@@ -51,6 +51,7 @@ class TrainState(flax.struct.PyTreeNode):
   params: Any
   opt_state: Any
   dropout_key: jax.Array  # typed PRNG key; step s uses fold_in(dropout_key, s)
+  pretrained: Any = None  # the pretrained weights, for Mixout (None otherwise)
 
 
 # ----------------------------------------------------------------------------- optimizer
@@ -79,12 +80,21 @@ def decays(params: Any) -> Any:
   return jax.tree_util.tree_map_with_path(flag, params)
 
 
-def optimizer(args: TrainingArguments, schedule: optax.Schedule, *, key: jax.Array,
-              mask: Any = None) -> optax.GradientTransformation:
-  """Clip the gradient (before the mask, as the published code), then AdamW with the mode's mask."""
+def optimizer(args: TrainingArguments, schedule: optax.Schedule, params: Any, *, key: jax.Array,
+              mask: Any = None, from_checkpoint: Callable[[str], bool] | None = None
+              ) -> optax.GradientTransformation:
+  """Weight decay toward the pretrained ``params`` (a gradient term), clipping (before the
+  mask, as the published code), AdamW with the mode's mask, then RecAdam's pull.
+
+  ``from_checkpoint`` says which leaves (by path name) have a pretrained value; only
+  those are pulled toward it.
+  """
   adamw_args = dict(b1=args.adam_beta1, b2=args.adam_beta2, eps=args.adam_epsilon,
                     weight_decay=args.weight_decay)
-  if args.mode == "vanilla":
+  if args.top_k_layers is not None:  # Top-K tuning: a fixed mask of the top layers and head
+    tx = ct.child_tuning_adamw(schedule, mode="driven", weight_decay_mask=decays, **adamw_args,
+                               mask=regularizers.top_layers_mask(params, args.top_k_layers))
+  elif args.mode == "vanilla":
     tx = optax.adamw(schedule, mask=decays, **adamw_args)
   elif args.mode == "ChildTuning-F":
     tx = ct.child_tuning_adamw(schedule, mode="free", reserve_p=args.reserve_p, key=key,
@@ -92,9 +102,35 @@ def optimizer(args: TrainingArguments, schedule: optax.Schedule, *, key: jax.Arr
   else:
     tx = ct.child_tuning_adamw(schedule, mode="driven", mask=mask, weight_decay_mask=decays,
                                **adamw_args)
+  if args.recadam_k is not None:  # after AdamW: the pull stays out of Adam's moments
+    tx = optax.chain(tx, regularizers.recadam(params, schedule, k=args.recadam_k,
+                                              t0=args.recadam_t0, strength=args.recadam_strength,
+                                              where=from_checkpoint))
   if args.max_grad_norm > 0:
     tx = optax.chain(optax.clip_by_global_norm(args.max_grad_norm), tx)
+  if args.decay_to_pretrained > 0:  # a loss term's gradient, before clipping
+    tx = optax.chain(regularizers.decay_to_pretrained(args.decay_to_pretrained, params,
+                                                      where=from_checkpoint), tx)
   return tx
+
+
+def check_method_flags(args: TrainingArguments, is_regression: bool) -> None:
+  if not 0 < args.reserve_p <= 1:
+    raise ValueError(f"--reserve_p must be in (0, 1], got {args.reserve_p}.")
+  if args.top_k_layers is not None and args.mode != "vanilla":
+    raise ValueError("--top_k_layers is a fixed mask of its own: use it with --mode vanilla.")
+  if not 0 <= args.mixout_p < 1:
+    raise ValueError(f"--mixout_p must be in [0, 1), got {args.mixout_p}.")
+  if args.r3f_sigma < 0 or args.decay_to_pretrained < 0:
+    raise ValueError("--r3f_sigma and --decay_to_pretrained must be >= 0.")
+  if args.recadam_k is not None and args.learning_rate * args.recadam_strength >= 1:
+    raise ValueError(
+        f"RecAdam pulls by learning_rate x recadam_strength = "
+        f"{args.learning_rate * args.recadam_strength:g} of (w - w0) per step; at 1 or more it "
+        "overshoots. Lower --recadam_strength (5000 suits learning rates around 2e-5).")
+  if args.r3f_sigma > 0 and is_regression:
+    raise ValueError("R3F compares output distributions: it applies to classification only, "
+                     "as in the paper.")
 
 
 def child_network_of(opt_state: Any) -> Any:
@@ -107,34 +143,58 @@ def child_network_of(opt_state: Any) -> Any:
 # ----------------------------------------------------------------------------- steps
 
 
-def per_example_losses(model, params, batch, *, is_regression: bool, dropout_key=None,
-                       row_offsets=None):
-  """``(losses, predictions)``: cross-entropy and class ids, or squared error and scores.
-
-  ``row_offsets`` (from ``estimate_fisher``'s ``embedding_lookups``) are added to the
-  looked-up word embeddings."""
+def logits_of(model, params, batch, *, dropout_key=None, row_offsets=None) -> jax.Array:
+  """The model's logits; dropout on when a key is given. ``row_offsets`` (from
+  ``estimate_fisher``'s ``embedding_lookups``, or R3F's noise) are added to the looked-up
+  word embeddings."""
   variables = {"params": params}
   if row_offsets is not None:
     variables["perturbations"] = model.perturbations(row_offsets)
-  logits = model.apply(variables, *(batch[name] for name in MODEL_INPUTS),
-                       deterministic=dropout_key is None,
-                       rngs=None if dropout_key is None else {"dropout": dropout_key})
+  return model.apply(variables, *(batch[name] for name in MODEL_INPUTS),
+                     deterministic=dropout_key is None,
+                     rngs=None if dropout_key is None else {"dropout": dropout_key})
+
+
+def losses_of(logits, labels, *, is_regression: bool):
+  """``(losses, predictions)``: cross-entropy and class ids, or squared error and scores."""
   if is_regression:
     scores = logits[:, 0].astype(jnp.float32)
-    return (scores - batch["labels"]) ** 2, scores
+    return (scores - labels) ** 2, scores
   logits = logits.astype(jnp.float32)
-  return (optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"]),
+  return (optax.softmax_cross_entropy_with_integer_labels(logits, labels),
           jnp.argmax(logits, axis=-1))
 
 
-def make_train_step(model, tx, schedule, *, is_regression: bool) -> Callable:
+def per_example_losses(model, params, batch, *, is_regression: bool, dropout_key=None,
+                       row_offsets=None):
+  logits = logits_of(model, params, batch, dropout_key=dropout_key, row_offsets=row_offsets)
+  return losses_of(logits, batch["labels"], is_regression=is_regression)
+
+
+def make_train_step(model, tx, schedule, *, is_regression: bool, mixout_p: float = 0.0,
+                    mixout_where: Callable[[str], bool] | None = None,
+                    r3f: tuple[float, str, float] | None = None) -> Callable:
+  """``(state, batch) -> (state, metrics)``. With ``mixout_p`` the forward pass uses
+  Mixout's weights (``state.pretrained`` holds w0); with ``r3f = (sigma, noise, lambda)``
+  the loss adds R3F's symmetric KL to a pass on noisy word embeddings."""
   def train_step(state: TrainState, batch):
     dropout_key = jax.random.fold_in(state.dropout_key, state.step)
 
     def loss_fn(params):
-      losses, _ = per_example_losses(model, params, batch, is_regression=is_regression,
-                                     dropout_key=dropout_key)
-      return losses.mean()
+      if mixout_p:
+        params = regularizers.mixout(params, state.pretrained, mixout_p,
+                                     jax.random.fold_in(dropout_key, 1), where=mixout_where)
+      logits = logits_of(model, params, batch, dropout_key=dropout_key)
+      loss = losses_of(logits, batch["labels"], is_regression=is_regression)[0].mean()
+      if r3f is not None:
+        sigma, noise_kind, weight = r3f
+        noise = regularizers.r3f_noise(jax.random.fold_in(dropout_key, 2),
+                                       batch["input_ids"].shape + (model.config.hidden_size,),
+                                       sigma, noise_kind)
+        noisy = logits_of(model, params, batch, dropout_key=jax.random.fold_in(dropout_key, 3),
+                          row_offsets={model.word_embeddings_path: noise})
+        loss = loss + weight * regularizers.symmetric_kl(logits, noisy)
+      return loss
 
     loss, grads = jax.value_and_grad(loss_fn)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -306,8 +366,6 @@ def train_and_evaluate(model_args: ModelArguments, data_args: DataArguments,
   """Fine-tunes and evaluates as the flags say; returns the final ``all_results``."""
   if args.jax_distributed:
     jax.distributed.initialize()
-  if not 0 < args.reserve_p <= 1:
-    raise ValueError(f"--reserve_p must be in (0, 1], got {args.reserve_p}.")
   prepare_output_dir(args)
   run = Run(args)
   run.write_json("run_args.json", as_dict(model_args, data_args, args))
@@ -332,7 +390,11 @@ def train_and_evaluate(model_args: ModelArguments, data_args: DataArguments,
 
   tokenizer = AutoTokenizer.from_pretrained(model_path)
   train_arrays, eval_arrays = input_pipeline.tokenize(datasets, tokenizer, max_seq_length)
-  model, params = load_pretrained(model_path, datasets.num_labels, seed=args.seed)
+  check_method_flags(args, datasets.is_regression)
+  model, params, loading = load_pretrained(model_path, datasets.num_labels, seed=args.seed,
+                                           output_loading_info=True)
+  not_pretrained = set(loading["missing_keys"])  # incl. a head re-initialised for its shape
+  from_checkpoint = lambda name: name not in not_pretrained  # a fresh head has no w0
 
   batch_size = args.per_device_train_batch_size * run.num_devices
   steps_per_epoch = len(train_arrays["labels"]) // batch_size
@@ -353,9 +415,12 @@ def train_and_evaluate(model_args: ModelArguments, data_args: DataArguments,
     else:
       mask = estimate_child_network(model, jax.device_put(params, run.replicated), train_arrays,
                                     datasets, args, run)
-  tx = optimizer(args, schedule, key=ctf_key, mask=mask)
+  tx = optimizer(args, schedule, params, key=ctf_key, mask=mask, from_checkpoint=from_checkpoint)
+  # Mixout's w0 is a copy: the state is donated to the step, and a buffer cannot be donated twice.
+  pretrained = jax.tree.map(jnp.array, params) if args.mixout_p else None
   state = jax.device_put(TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                                    opt_state=tx.init(params), dropout_key=dropout_key),
+                                    opt_state=tx.init(params), dropout_key=dropout_key,
+                                    pretrained=pretrained),
                          run.replicated)
   if resuming:
     state, metadata = checkpoints_lib.restore_latest(checkpoints, state)
@@ -363,7 +428,11 @@ def train_and_evaluate(model_args: ModelArguments, data_args: DataArguments,
   if args.mode == "ChildTuning-D":
     write_child_network(child_network_of(state.opt_state), run)
 
-  train_step = jax.jit(make_train_step(model, tx, schedule, is_regression=datasets.is_regression),
+  step_fn = make_train_step(
+      model, tx, schedule, is_regression=datasets.is_regression, mixout_p=args.mixout_p,
+      mixout_where=lambda name: name.endswith("/kernel") and from_checkpoint(name),
+      r3f=(args.r3f_sigma, args.r3f_noise, args.r3f_lambda) if args.r3f_sigma > 0 else None)
+  train_step = jax.jit(step_fn,
                        in_shardings=(run.replicated, run.data), out_shardings=run.replicated,
                        donate_argnums=0)
   eval_step = jax.jit(make_eval_step(model, is_regression=datasets.is_regression),
