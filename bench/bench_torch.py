@@ -18,6 +18,8 @@ that workload.
 
 Run: python bench/bench_torch.py            (about 15 minutes on 2 CPU cores)
      python bench/bench_torch.py --quick    (fewer repetitions, printed only)
+     python bench/bench_torch.py --only fisher,peak_memory_mib   (rerun sections into the last
+                                                                   full run's results)
 """
 
 import argparse
@@ -198,13 +200,16 @@ def jax_updates(params):
   return updates
 
 
-def jax_fisher(model, params, batch):
+def jax_fisher_fn(model):
+  """``fisher(params, batch)``; one loss function for all calls, so its compiled chunk
+  functions are reused (``estimate_fisher`` caches them per loss function)."""
   def loss_fn(params, batch, row_offsets=None):
     losses, _ = trainer.per_example_losses(model, params, batch, is_regression=False,
                                            row_offsets=row_offsets)
     return losses.mean()
-  return estimate_fisher(loss_fn, params, [batch], chunk_size=BATCH,
-                         embedding_lookups={model.word_embeddings_path: "input_ids"})
+  return lambda params, batch: estimate_fisher(
+      loss_fn, params, [batch], chunk_size=BATCH,
+      embedding_lookups={model.word_embeddings_path: "input_ids"})
 
 
 # ----------------------------------------------------------------------------- measurements
@@ -269,7 +274,8 @@ def bench_fisher(reps):
   tbatch = torch_batch(batch)
   model, params = jax_model()
   tmodel = torch_model()
-  fns = {"JAX per-example": lambda: jax_fisher(model, params, batch),
+  fisher = jax_fisher_fn(model)
+  fns = {"JAX per-example": lambda: fisher(params, batch),
          "PyTorch per-example (torch.func)": lambda: torch_per_example_fisher(tmodel, tbatch),
          "PyTorch published recipe (batches of 16)": lambda: torch_published_fisher(tmodel, tbatch)}
   times = alternating_times(fns, reps)
@@ -295,7 +301,7 @@ def run_workload(name):
       torch_train_step(model, torch_optimizers(model)["ChildTuning-F"], torch_batch(batch))
     elif name == "JAX per-example Fisher":
       model, params = jax_model()
-      jax.block_until_ready(jax_fisher(model, params, batch))
+      jax.block_until_ready(jax_fisher_fn(model)(params, batch))
     elif name == "PyTorch per-example Fisher (torch.func)":
       torch_per_example_fisher(torch_model(), torch_batch(batch))
     elif name == "PyTorch published Fisher recipe":
@@ -343,7 +349,8 @@ def render(results):
 def main():
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   parser.add_argument("--quick", action="store_true", help="few repetitions; print only")
-  parser.add_argument("--only", help="comma-separated sections; print only")
+  parser.add_argument("--only", help="comma-separated sections to rerun (update, train_step, "
+                      "fisher, peak_memory_mib), merged into the last full run's results")
   parser.add_argument("--workload", help=argparse.SUPPRESS)
   args = parser.parse_args()
   torch.set_num_threads(os.cpu_count())
@@ -363,11 +370,19 @@ def main():
     results[key] = fn()
     print(key, json.dumps(results[key], indent=1), flush=True)
   results["wall_minutes"] = (time.time() - start) / 60
-  if args.quick or args.only:
+  if args.quick:
     return
+  out = ROOT / "bench" / "results" / f"torch_{jax.default_backend()}.json"
+  if args.only:  # rerun sections: merge them into the last full run's results
+    if not out.exists():
+      return
+    previous = json.loads(out.read_text())
+    rerun = {key: results[key] for key in args.only.split(",")}
+    results = {**previous, **rerun,
+               "command": previous["command"] + f"; sections {args.only} rerun with --only",
+               "wall_minutes": previous["wall_minutes"] + results["wall_minutes"]}
   section = render(results)
   print(section)
-  out = ROOT / "bench" / "results" / f"torch_{jax.default_backend()}.json"
   out.write_text(json.dumps(results, indent=1) + "\n")
   update_benchmarks_md(section, jax.default_backend(), name="bench_torch",
                        title="Side by side with PyTorch")

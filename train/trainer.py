@@ -114,7 +114,9 @@ def optimizer(args: TrainingArguments, schedule: optax.Schedule, params: Any, *,
   return tx
 
 
-def check_method_flags(args: TrainingArguments, is_regression: bool) -> None:
+def check_method_flags(args: TrainingArguments, is_regression: bool | None = None) -> None:
+  """Refuses flag values and combinations that cannot work (``is_regression=None``: the
+  checks that do not depend on the data)."""
   if not 0 < args.reserve_p <= 1:
     raise ValueError(f"--reserve_p must be in (0, 1], got {args.reserve_p}.")
   if args.top_k_layers is not None and args.mode != "vanilla":
@@ -128,7 +130,7 @@ def check_method_flags(args: TrainingArguments, is_regression: bool) -> None:
         f"RecAdam pulls by learning_rate x recadam_strength = "
         f"{args.learning_rate * args.recadam_strength:g} of (w - w0) per step; at 1 or more it "
         "overshoots. Lower --recadam_strength (5000 suits learning rates around 2e-5).")
-  if args.r3f_sigma > 0 and is_regression:
+  if args.r3f_sigma > 0 and is_regression is True:
     raise ValueError("R3F compares output distributions: it applies to classification only, "
                      "as in the paper.")
 
@@ -366,6 +368,7 @@ def train_and_evaluate(model_args: ModelArguments, data_args: DataArguments,
   """Fine-tunes and evaluates as the flags say; returns the final ``all_results``."""
   if args.jax_distributed:
     jax.distributed.initialize()
+  check_method_flags(args)
   prepare_output_dir(args)
   run = Run(args)
   run.write_json("run_args.json", as_dict(model_args, data_args, args))
