@@ -8,7 +8,8 @@ matching section of BENCHMARKS.md.
 
 Run: python bench/bench_core.py            (about 20 minutes on 2 CPU cores)
      python bench/bench_core.py --quick    (fewer repetitions, no BENCHMARKS.md update)
-     python bench/bench_core.py --only fisher,peak_memory_mib   (some sections, printed only)
+     python bench/bench_core.py --only fisher,peak_memory_mib   (rerun sections into the last
+                                                                  full run's results)
 """
 
 import argparse
@@ -252,18 +253,40 @@ def run_workload(name):
           embedding_lookups={model.word_embeddings_path: "input_ids"}))
   else:
     raise ValueError(name)
-  # VmHWM, not ru_maxrss: the latter keeps the high-water mark of the parent across fork/exec.
+  return peak_rss_mib()
+
+
+def peak_rss_mib():
+  """This process's peak resident set, MiB. VmHWM, not ru_maxrss: the latter keeps the
+  high-water mark of the parent across fork/exec."""
   status = Path("/proc/self/status").read_text()
   return int(next(l.split()[1] for l in status.splitlines() if l.startswith("VmHWM"))) / 1024
 
 
-def peak_memory():
+def peak_memory_of(script, workloads):
+  """{workload: peak RSS in MiB}, each workload run alone by ``script --workload NAME``."""
   result = {}
-  for name in ("train step (CT-F)", "per-example Fisher"):
-    out = subprocess.run([sys.executable, __file__, "--workload", name], check=True,
+  for name in workloads:
+    out = subprocess.run([sys.executable, str(script), "--workload", name], check=True,
                          capture_output=True, text=True).stdout
     result[name] = float(out.strip().splitlines()[-1])
   return result
+
+
+def peak_memory():
+  return peak_memory_of(__file__, ("train step (CT-F)", "per-example Fisher"))
+
+
+def merge_rerun(out, results, only):
+  """With ``--only``: the rerun sections merged into the last full run's results in ``out``
+  (None if there is none)."""
+  if not out.exists():
+    return None
+  previous = json.loads(out.read_text())
+  rerun = {key: results[key] for key in only.split(",")}
+  return {**previous, **rerun,
+          "command": previous["command"] + f"; sections {only} rerun with --only",
+          "wall_minutes": previous["wall_minutes"] + results["wall_minutes"]}
 
 
 def machine():
@@ -331,8 +354,8 @@ def update_benchmarks_md(section, backend, name="bench_core", title="Core librar
 def main():
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   parser.add_argument("--quick", action="store_true", help="few repetitions; print only")
-  parser.add_argument("--only", help="comma-separated sections (e.g. fisher,peak_memory_mib); "
-                      "print only")
+  parser.add_argument("--only", help="comma-separated sections to rerun (e.g. "
+                      "fisher,peak_memory_mib), merged into the last full run's results")
   parser.add_argument("--workload", help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.workload:
@@ -353,15 +376,17 @@ def main():
     results[key] = fn()
     print(key, json.dumps(results[key], indent=1), flush=True)
   results["wall_minutes"] = (time.time() - start) / 60
-  if args.only:
+  if args.quick:
+    print(render(results) if not args.only else "")
+    return
+  out = ROOT / "bench" / "results" / f"core_{jax.default_backend()}.json"
+  if args.only and (results := merge_rerun(out, results, args.only)) is None:
     return
   section = render(results)
   print(section)
-  if not args.quick:
-    out = ROOT / "bench" / "results" / f"core_{jax.default_backend()}.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(results, indent=1) + "\n")
-    update_benchmarks_md(section, jax.default_backend())
+  out.parent.mkdir(exist_ok=True)
+  out.write_text(json.dumps(results, indent=1) + "\n")
+  update_benchmarks_md(section, jax.default_backend())
 
 
 if __name__ == "__main__":

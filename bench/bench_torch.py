@@ -26,7 +26,6 @@ import argparse
 import json
 import math
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -41,7 +40,8 @@ import optax  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from bench_core import alternating_times, machine, paired_ratio, update_benchmarks_md  # noqa: E402
+from bench_core import (alternating_times, machine, merge_rerun, paired_ratio,  # noqa: E402
+                        peak_memory_of, peak_rss_mib, update_benchmarks_md)
 from childtuning_jax import estimate_fisher  # noqa: E402
 from childtuning_jax.models import embedded_model_path, load_pretrained  # noqa: E402
 from train import trainer  # noqa: E402
@@ -308,17 +308,7 @@ def run_workload(name):
       torch_published_fisher(torch_model(), torch_batch(batch))
     else:
       raise ValueError(name)
-  status = Path("/proc/self/status").read_text()
-  return int(next(l.split()[1] for l in status.splitlines() if l.startswith("VmHWM"))) / 1024
-
-
-def peak_memory():
-  result = {}
-  for name in WORKLOADS:
-    out = subprocess.run([sys.executable, __file__, "--workload", name], check=True,
-                         capture_output=True, text=True).stdout
-    result[name] = float(out.strip().splitlines()[-1])
-  return result
+  return peak_rss_mib()
 
 
 def render(results):
@@ -364,7 +354,7 @@ def main():
   for key, fn in (("update", lambda: bench_update(2 * reps)),
                   ("train_step", lambda: bench_train_step(reps)),
                   ("fisher", lambda: bench_fisher(max(3, reps // 2))),
-                  ("peak_memory_mib", peak_memory)):
+                  ("peak_memory_mib", lambda: peak_memory_of(__file__, WORKLOADS))):
     if args.only and key not in args.only.split(","):
       continue
     results[key] = fn()
@@ -373,14 +363,8 @@ def main():
   if args.quick:
     return
   out = ROOT / "bench" / "results" / f"torch_{jax.default_backend()}.json"
-  if args.only:  # rerun sections: merge them into the last full run's results
-    if not out.exists():
-      return
-    previous = json.loads(out.read_text())
-    rerun = {key: results[key] for key in args.only.split(",")}
-    results = {**previous, **rerun,
-               "command": previous["command"] + f"; sections {args.only} rerun with --only",
-               "wall_minutes": previous["wall_minutes"] + results["wall_minutes"]}
+  if args.only and (results := merge_rerun(out, results, args.only)) is None:
+    return
   section = render(results)
   print(section)
   out.write_text(json.dumps(results, indent=1) + "\n")
