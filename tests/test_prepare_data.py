@@ -17,13 +17,20 @@ def test_ground_truth_lines_parse_and_bad_lines_are_named():
 
 
 def test_written_files_load_as_regression_and_as_binary_with_shared_labels(tmp_path):
-  sets = {"movie": [("good, \"quoted\"\nover two lines", 2.5), ("bad", -1.0), ("meh", 0.0)]}
+  sets = {"movie": [("good, \"quoted\"\nover two lines", 2.5), ("bad", -1.0), ("meh", 0.0)]
+                    + [(f"fine {i}", 1.0) for i in range(20)]}
   prepare_data.write_vader(sets, tmp_path)
   regression = load_local(tmp_path / "vader" / "movie_regression.csv")
-  assert regression.is_regression and regression.labels.tolist() == [2.5, -1.0, 0.0]
-  assert regression.text_a[0] == "good, \"quoted\"\nover two lines"
+  assert regression.is_regression
+  written = dict(zip(regression.text_a, regression.labels.tolist()))
+  assert written == dict(sets["movie"])  # multi-line and quoted text survive
+  assert regression.text_a != [text for text, _ in sets["movie"]]  # shuffled: sources are grouped
   binary = load_local(tmp_path / "vader" / "movie_binary.csv", label_list=["negative", "positive"])
-  assert binary.labels.tolist() == [1, 0]  # the 0.0 rating is dropped
+  assert "meh" not in binary.text_a and len(binary) == 22  # the 0.0 rating is dropped
+  assert binary.text_a == [text for text in regression.text_a if text != "meh"]  # same order
+  again = tmp_path / "again"
+  prepare_data.write_vader(sets, again)
+  assert load_local(again / "vader" / "movie_regression.csv").text_a == regression.text_a
 
 
 def test_rotten_tomatoes_files_use_the_shared_binary_labels(tmp_path):

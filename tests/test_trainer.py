@@ -290,3 +290,36 @@ def test_top_k_tuning_runs_with_a_donated_state(tiny, tmp_path):
   # The CT-D sandwich holds its mask twice; jax-array masks must not share a donated buffer.
   results = run(tiny, tmp_path, "--mode", "vanilla", "--top_k_layers", "1", "--max_steps", "3")
   assert np.isfinite(results["eval_loss"])
+
+
+def test_ablation_child_networks_and_prune_at_eval(tiny, tmp_path):
+  common = ("--mode", "ChildTuning-D", "--reserve_p", "0.25", "--fisher_num_examples", "64",
+            "--do_train", "false", "--do_eval", "false")
+  masks = {}
+  _, _, params = _tiny_setup(tiny)
+  for kind in ("fisher", "lowest_fisher", "random"):
+    results = run(tiny, tmp_path / kind, *common, "--child_network", kind)
+    assert results == {} and not (tmp_path / kind / "checkpoints").exists()  # mask only
+    masks[kind] = ct.load_mask(tmp_path / kind / "mask.npz", params)
+  selectable = lambda mask: {n: m for n, m in ct._trees.named_leaves(mask)
+                             if not n.startswith("classifier/")}
+  for kind, mask in masks.items():
+    leaves = selectable(mask)
+    total = sum(m.size for m in leaves.values())
+    assert sum(int(m.sum()) for m in leaves.values()) == round(0.25 * total), kind
+  # Highest and lowest Fisher are disjoint (apart from entries whose Fisher ties at the border).
+  top, low = selectable(masks["fisher"]), selectable(masks["lowest_fisher"])
+  overlap = sum(int((top[n] & low[n]).sum()) for n in top)
+  assert overlap <= 0.01 * sum(int(m.sum()) for m in top.values())
+  assert ct.mask_jaccard(masks["fisher"], masks["random"]) < 0.3
+
+  # Prune: evaluation with the weights outside the child network set to zero.
+  results = run(tiny, tmp_path / "prune", "--mode", "ChildTuning-D", "--reserve_p", "0.25",
+                "--fisher_num_examples", "64", "--max_steps", "4", "--prune_at_eval")
+  assert results["eval_pruned_samples"] == results["eval_samples"]
+  assert results["eval_pruned_loss"] != results["eval_loss"]
+
+  for bad in (("--mode", "vanilla", "--prune_at_eval"),
+              ("--mode", "ChildTuning-F", "--child_network", "random")):
+    with pytest.raises(ValueError, match="options of --mode ChildTuning-D"):
+      run(tiny, tmp_path / "bad", *bad)

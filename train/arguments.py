@@ -80,6 +80,14 @@ class TrainingArguments:
       "per_example", "CT-D: 'per_example' squares each example's gradient (the paper's Eq. 10); "
       "'batch' squares mini-batch gradients of --fisher_batch_size examples, as the published "
       "code does.", choices=("per_example", "batch"))
+  child_network: Literal["fisher", "random", "lowest_fisher"] = _field(
+      "fisher", "CT-D: how the child network is chosen. 'fisher': the entries with the highest "
+      "Fisher information (the paper); 'random': a fixed random choice of the same size; "
+      "'lowest_fisher': the lowest Fisher information (the last two are the ablations of the "
+      "paper's Table 5).", choices=("fisher", "random", "lowest_fisher"))
+  prune_at_eval: bool = _field(
+      False, "CT-D: also evaluate the validation set with every weight outside the child network "
+      "set to zero, reported as eval_pruned_<metric> (the 'Prune' ablation of the paper's Table 5).")
   decay_to_pretrained: float = _field(
       0.0, "Prior method 'Weight Decay': add the gradient of λ‖w − w0‖², pulling toward the "
       "pretrained weights (0: off; the paper searches 1e-4 to 10). Any mode.")
@@ -118,6 +126,10 @@ class TrainingArguments:
       "linear", "After warmup: linear decay to 0, or constant.", choices=("linear", "constant"))
   warmup_ratio: float = _field(0.0, "Fraction of the steps with linear warmup (every mode).")
   warmup_steps: int = _field(0, "Warmup steps; overrides --warmup_ratio if > 0.")
+  do_train: bool = _field(
+      True, "Train (false: only CT-D's child network, if that is the mode, and evaluation of the "
+      "loaded model).")
+  do_eval: bool = _field(True, "Evaluate at the end.")
   seed: int = _field(42, "Seed for the head's initialisation, data order, dropout and CT-F masks.")
   save_steps: int = _field(500, "Save a checkpoint every N steps (and always at the end).")
   save_total_limit: int | None = _field(2, "Keep at most this many checkpoints (None: all).")

@@ -14,7 +14,7 @@ Sources (nothing is committed; both come from PyPI):
   tweets (4.2k), each with the mean of human ratings in [-4, 4]. Written as
   ``vader/<name>_regression.csv`` (the rating, a regression task like STS-B)
   and ``vader/<name>_binary.csv`` (``negative``/``positive`` by the rating's
-  sign; ratings of exactly 0 dropped).
+  sign; ratings of exactly 0 dropped), rows shuffled with a fixed seed.
 
 Every binary file uses the labels ``negative``/``positive`` (Rotten
 Tomatoes' rotten/fresh are written that way too), so a model trained on one
@@ -30,6 +30,8 @@ import subprocess
 import sys
 import tarfile
 from pathlib import Path
+
+import numpy as np
 
 if __package__ in (None, ""):  # run as `python train/prepare_data.py`
   sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -89,8 +91,12 @@ def write_csv(path: Path, rows) -> Path:
 
 
 def write_vader(sets: dict[str, list[tuple[str, float]]], output_dir: Path) -> list[Path]:
+  """Each set as ``_regression.csv`` and ``_binary.csv``, its rows in a fixed shuffled order:
+  the source files are grouped (the movie snippets by sentiment, the Amazon ones by
+  product), and ``--max_eval_samples`` keeps the first rows."""
   written = []
   for name, rows in sets.items():
+    rows = [rows[i] for i in np.random.default_rng(0).permutation(len(rows))]
     written.append(write_csv(output_dir / "vader" / f"{name}_regression.csv",
                              [(text, f"{rating:.4f}") for text, rating in rows]))
     written.append(write_csv(output_dir / "vader" / f"{name}_binary.csv",

@@ -130,6 +130,10 @@ def check_method_flags(args: TrainingArguments, is_regression: bool | None = Non
         f"RecAdam pulls by learning_rate x recadam_strength = "
         f"{args.learning_rate * args.recadam_strength:g} of (w - w0) per step; at 1 or more it "
         "overshoots. Lower --recadam_strength (5000 suits learning rates around 2e-5).")
+  if args.mode != "ChildTuning-D" and (args.child_network != "fisher" or args.prune_at_eval):
+    raise ValueError("--child_network and --prune_at_eval are options of --mode ChildTuning-D.")
+  if args.prune_at_eval and not args.do_eval:
+    raise ValueError("--prune_at_eval is an evaluation: it needs --do_eval.")
   if args.r3f_sigma > 0 and is_regression is True:
     raise ValueError("R3F compares output distributions: it applies to classification only, "
                      "as in the paper.")
@@ -261,7 +265,15 @@ def prepare_output_dir(args: TrainingArguments) -> None:
 def estimate_child_network(model, params, train_arrays, datasets, args: TrainingArguments,
                            run: Run) -> Any:
   """CT-D: Fisher information over (a subset of) the training set, then the top
-  ``reserve_p`` fraction of the entries outside ``--always_trainable``."""
+  ``reserve_p`` fraction of the entries outside ``--always_trainable`` (or, as the
+  ablations of ``--child_network``, a random or the lowest-Fisher fraction)."""
+  pattern = re.compile(args.always_trainable) if args.always_trainable else None
+  always = (lambda path: bool(pattern.search(_trees.path_name(path)))) if pattern else None
+  if args.child_network == "random":  # the same budget, chosen without looking at the task
+    rng = np.random.default_rng([args.seed, 2])
+    scores = jax.tree.map(lambda p: rng.random(p.shape, dtype=np.float32), params)
+    logger.info("a random child network (seed %d)", args.seed)
+    return ct.select_child_network(scores, args.reserve_p, always_trainable=always)
   num_examples = len(train_arrays["labels"])
   count = min(args.fisher_num_examples or num_examples, num_examples)
   indices = np.sort(np.random.default_rng([args.seed, 1]).permutation(num_examples)[:count])
@@ -283,8 +295,8 @@ def estimate_child_network(model, params, train_arrays, datasets, args: Training
   fisher = ct.estimate_fisher(loss_fn, params, batches, chunk_size=chunk_size,
                               per_example=per_example, embedding_lookups=lookups,
                               data_sharding=run.data, progress=run.progress)
-  pattern = re.compile(args.always_trainable) if args.always_trainable else None
-  always = (lambda path: bool(pattern.search(_trees.path_name(path)))) if pattern else None
+  if args.child_network == "lowest_fisher":
+    fisher = jax.tree.map(jnp.negative, fisher)
   return ct.select_child_network(fisher, args.reserve_p, always_trainable=always)
 
 
@@ -409,8 +421,9 @@ def train_and_evaluate(model_args: ModelArguments, data_args: DataArguments,
   schedule = learning_rate_schedule(args, total_steps)
   dropout_key, ctf_key = jax.random.split(jax.random.key(args.seed))
 
-  checkpoints = checkpoints_lib.manager(run.output_dir / "checkpoints", args.save_total_limit)
-  resuming = args.resume and checkpoints.latest_step() is not None
+  checkpoints = (checkpoints_lib.manager(run.output_dir / "checkpoints", args.save_total_limit)
+                 if args.do_train else None)
+  resuming = checkpoints is not None and args.resume and checkpoints.latest_step() is not None
   mask = None
   if args.mode == "ChildTuning-D":
     if resuming:  # the child network comes back with the optimizer state
@@ -449,74 +462,87 @@ def train_and_evaluate(model_args: ModelArguments, data_args: DataArguments,
     checkpoints_lib.save(checkpoints, int(state.step), state,
                          {"step": int(state.step), "flags": flags})
 
-  logger.info("%s: %d examples, %d devices, batch %d, %d steps (%d per epoch), from step %d",
-              args.mode, len(train_arrays["labels"]), run.num_devices, batch_size, total_steps,
-              steps_per_epoch, start_step)
-  started = time.perf_counter()
-  bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step",
-             disable=not run.progress)
-  order_epoch, order = None, None
-  pending = None  # the previous step's metrics, read after the next step is dispatched
+  runtime = 0.0
+  if args.do_train:
+    logger.info("%s: %d examples, %d devices, batch %d, %d steps (%d per epoch), from step %d",
+                args.mode, len(train_arrays["labels"]), run.num_devices, batch_size, total_steps,
+                steps_per_epoch, start_step)
+    started = time.perf_counter()
+    bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step",
+               disable=not run.progress)
+    order_epoch, order = None, None
+    pending = None  # the previous step's metrics, read after the next step is dispatched
 
-  def record(step_metrics, step, seconds):
-    values = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
-    log.write({"step": step, "epoch": round(step / steps_per_epoch, 4), **values,
-               "examples_per_second": round(batch_size / seconds, 2)})
-    bar.set_postfix(loss=f"{values['loss']:.4f}", ex_s=f"{batch_size / seconds:.1f}")
+    def record(step_metrics, step, seconds):
+      values = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+      log.write({"step": step, "epoch": round(step / steps_per_epoch, 4), **values,
+                 "examples_per_second": round(batch_size / seconds, 2)})
+      bar.set_postfix(loss=f"{values['loss']:.4f}", ex_s=f"{batch_size / seconds:.1f}")
 
-  try:
-    step_started = time.perf_counter()
-    for step in range(start_step, total_steps):
-      epoch, position = divmod(step, steps_per_epoch)
-      if epoch != order_epoch:
-        order_epoch = epoch
-        order = list(batch_indices(len(train_arrays["labels"]), batch_size, seed=args.seed,
-                                   epoch=epoch))
-      batch = input_pipeline.take(train_arrays, order[position])
-      state, metrics = train_step(state, input_pipeline.place(batch, run.data))
-      if pending is not None:
-        record(*pending)
-      now = time.perf_counter()
-      pending = (metrics, step + 1, now - step_started)
-      step_started = now
-      bar.update(1)
-      done = step + 1
-      saving = done % args.save_steps == 0 or done == total_steps
-      evaluating = args.eval_steps and done % args.eval_steps == 0 and done != total_steps
-      if saving or evaluating:  # the log then holds every step up to the checkpoint
-        record(*pending)
-        pending = None
-      if saving:
-        save(state)
-      if evaluating:
-        log.write({"step": done, **evaluate_all(eval_step, state.params, eval_arrays, datasets,
-                                                args, run)})
-  except KeyboardInterrupt:
-    logger.warning("interrupted; saving a checkpoint at step %d (resume with --resume)",
-                   int(state.step))
-    save(state)
-    raise
-  finally:
-    bar.close()
-    checkpoints.wait_until_finished()
-    checkpoints.close()
-  runtime = time.perf_counter() - started
+    try:
+      step_started = time.perf_counter()
+      for step in range(start_step, total_steps):
+        epoch, position = divmod(step, steps_per_epoch)
+        if epoch != order_epoch:
+          order_epoch = epoch
+          order = list(batch_indices(len(train_arrays["labels"]), batch_size, seed=args.seed,
+                                     epoch=epoch))
+        batch = input_pipeline.take(train_arrays, order[position])
+        state, metrics = train_step(state, input_pipeline.place(batch, run.data))
+        if pending is not None:
+          record(*pending)
+        now = time.perf_counter()
+        pending = (metrics, step + 1, now - step_started)
+        step_started = now
+        bar.update(1)
+        done = step + 1
+        saving = done % args.save_steps == 0 or done == total_steps
+        evaluating = args.eval_steps and done % args.eval_steps == 0 and done != total_steps
+        if saving or evaluating:  # the log then holds every step up to the checkpoint
+          record(*pending)
+          pending = None
+        if saving:
+          save(state)
+        if evaluating:
+          log.write({"step": done, **evaluate_all(eval_step, state.params, eval_arrays, datasets,
+                                                  args, run)})
+    except KeyboardInterrupt:
+      logger.warning("interrupted; saving a checkpoint at step %d (resume with --resume)",
+                     int(state.step))
+      save(state)
+      raise
+    finally:
+      bar.close()
+      checkpoints.wait_until_finished()
+      checkpoints.close()
+    runtime = time.perf_counter() - started
 
-  results = evaluate_all(eval_step, state.params, eval_arrays, datasets, args, run)
-  log.write({"step": total_steps, **results})
-  losses = log.train_losses()
-  steps_run = total_steps - start_step
-  train_results = {
-      "train_loss": float(np.mean(losses)) if losses else float("nan"),
-      "train_runtime": round(runtime, 3),
-      "train_samples": len(train_arrays["labels"]),
-      "train_steps": total_steps,
-      "train_samples_per_second": round(steps_run * batch_size / runtime, 3) if steps_run else 0.0,
-      "epoch": round(total_steps / steps_per_epoch, 4),
-  }
-  run.write_json("eval_results.json", results)
-  run.write_json("train_results.json", train_results)
-  all_results = {**train_results, **results}
+  results = {}
+  if args.do_eval:
+    results = evaluate_all(eval_step, state.params, eval_arrays, datasets, args, run)
+    if args.prune_at_eval:  # Table 5's "Prune": the weights outside the child network set to 0
+      mask = child_network_of(state.opt_state)
+      pruned = jax.tree.map(lambda p, keep: jnp.where(keep, p, 0), state.params, mask)
+      name, arrays = next(iter(eval_arrays.items()))
+      results.update({f"eval_pruned_{metric}": value for metric, value in
+                      evaluate(eval_step, pruned, arrays, datasets, args, run, f"{name} pruned").items()})
+    log.write({"step": total_steps, **results})
+  all_results = dict(results)
+  if args.do_train:
+    losses = log.train_losses()
+    steps_run = total_steps - start_step
+    train_results = {
+        "train_loss": float(np.mean(losses)) if losses else float("nan"),
+        "train_runtime": round(runtime, 3),
+        "train_samples": len(train_arrays["labels"]),
+        "train_steps": total_steps,
+        "train_samples_per_second": round(steps_run * batch_size / runtime, 3) if steps_run else 0.0,
+        "epoch": round(total_steps / steps_per_epoch, 4),
+    }
+    run.write_json("train_results.json", train_results)
+    all_results = {**train_results, **results}
+  if args.do_eval:
+    run.write_json("eval_results.json", results)
   run.write_json("all_results.json", all_results)
   return all_results
 
