@@ -61,3 +61,16 @@ def restore_latest(checkpoints: ocp.CheckpointManager, like: Any) -> tuple[Any, 
       restored["state"], like)
   logger.info("restored the checkpoint of step %d from %s", step, checkpoints.directory)
   return state, restored["metadata"]
+
+
+def latest_params(directory: str | Path) -> Any:
+  """The parameters in the latest checkpoint under ``directory`` (a run's
+  ``<output_dir>/checkpoints``) as numpy arrays, without building the rest of the
+  train state (e.g. to probe or export a fine-tuned model)."""
+  checkpoints = manager(directory, None)
+  step = checkpoints.latest_step()
+  if step is None:
+    raise FileNotFoundError(f"no checkpoint in {directory}")
+  restored = checkpoints.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+  checkpoints.close()
+  return restored["state"]["params"]

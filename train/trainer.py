@@ -413,9 +413,10 @@ def train_and_evaluate(model_args: ModelArguments, data_args: DataArguments,
 
   batch_size = args.per_device_train_batch_size * run.num_devices
   steps_per_epoch = len(train_arrays["labels"]) // batch_size
-  if steps_per_epoch == 0:
+  if steps_per_epoch == 0 and args.do_train:
     raise ValueError(f"{len(train_arrays['labels'])} training examples are fewer than one batch "
                      f"({args.per_device_train_batch_size} per device x {run.num_devices} devices).")
+  steps_per_epoch = max(steps_per_epoch, 1)  # without training: only names the schedule
   total_steps = (args.max_steps if args.max_steps > 0
                  else math.ceil(args.num_train_epochs * steps_per_epoch))
   schedule = learning_rate_schedule(args, total_steps)

@@ -1,0 +1,156 @@
+"""train/experiments.py: the campaign runner (skip, resume, clean-up), the tables' numbers
+against the runs' own results, the probes, the figures and RESULTS.md, on a tiny model."""
+
+import csv
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+pytest.importorskip("transformers")
+pytest.importorskip("torch")
+pytest.importorskip("matplotlib")
+
+import tiny_run  # noqa: E402
+from train import experiments, run_glue  # noqa: E402
+
+
+def test_mean_max_and_paired_deltas():
+  assert experiments.mean_max([70.0, 72.0, 74.5]) == "72.17 (74.50)"
+  assert experiments.mean_max([]) == "–"
+  delta, wins, shared = experiments.paired_delta({0: 71.0, 1: 70.0, 2: 90.0}, {0: 70.0, 1: 72.0})
+  assert (delta, wins, shared) == (-0.5, 1, 2)  # seed 2 has no baseline: not compared
+
+
+def test_linear_probe_scores_a_linear_signal_and_not_noise():
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(400, 20))
+  direction = rng.normal(size=20)
+  labels = (x @ direction > 0).astype(np.int32)
+  assert experiments.linear_probe(x[:200], labels[:200], x[200:], labels[200:],
+                                  regression=False) > 90
+  noise = rng.integers(0, 2, 400)
+  assert experiments.linear_probe(x[:200], noise[:200], x[200:], noise[200:], regression=False) < 65
+  target = x @ direction + 0.1 * rng.normal(size=400)
+  assert experiments.linear_probe(x[:200], target[:200], x[200:], target[200:], regression=True) > 95
+
+
+@pytest.fixture
+def campaign(tmp_path, monkeypatch):
+  """A tiny data directory in train.prepare_data's layout, a tiny model, a few cells, and the
+  trainer run in-process (the real runner starts one process per run)."""
+  data = tmp_path / "data"
+  (data / "rotten_tomatoes").mkdir(parents=True)
+  (data / "vader").mkdir()
+  tiny_run.write_csv(data / "rotten_tomatoes" / "train.csv", 200, seed=1)
+  tiny_run.write_csv(data / "rotten_tomatoes" / "validation.csv", 60, seed=2)
+  for offset, name in enumerate(("amazon", "nyt", "tweets", "movie")):
+    tiny_run.write_csv(data / "vader" / f"{name}_binary.csv", 120, seed=10 + offset)
+    rows = tiny_run.sentences(120, seed=20 + offset)
+    with open(data / "vader" / f"{name}_regression.csv", "w", newline="") as file:
+      csv.writer(file).writerows([("sentence", "label")] + [(t, f"{2.0 * y - 1:.2f}") for t, y in rows])
+  model = tiny_run.write_checkpoint(tmp_path / "model")
+
+  monkeypatch.setitem(experiments.EXPERIMENT_CELLS, "methods", ["vanilla", "ct_f_0.3", "ct_d_0.3"])
+  monkeypatch.setitem(experiments.EXPERIMENT_CELLS, "ablations", ["vanilla", "ct_d_random"])
+  monkeypatch.setitem(experiments.EXPERIMENT_CELLS, "layers", ["ct_d_0.3"])
+  monkeypatch.setattr(experiments, "OVERLAP_TASKS", {
+      "RT": (experiments.TRAIN, 0), "RT again": (experiments.TRAIN, 1),
+      "Amazon": ("vader/amazon_binary.csv", 0), "NYT rating": ("vader/nyt_regression.csv", 0)})
+  monkeypatch.setattr(experiments, "PROBE_EXAMPLES", 50)
+  calls = []
+
+  def in_process(command, stdout, stderr, cwd, env):
+    assert command[1:3] == ["-m", "train.run_glue"]
+    calls.append(command[3:])
+    run_glue.main(command[3:])
+    return subprocess.CompletedProcess(command, 0)
+
+  monkeypatch.setattr(experiments.subprocess, "run", in_process)
+  argv = ["--root", str(tmp_path / "root"), "--data_dir", str(data),
+          "--results_dir", str(tmp_path / "results"), "--results_md", str(tmp_path / "RESULTS.md"),
+          "--model_name_or_path", str(model), "--seeds", "2", "--max_seq_length", "16",
+          "--max_train_samples", "160", "--num_train_epochs", "1", "--learning_rate", "1e-3",
+          "--fisher_num_examples", "32", "--max_eval_samples", "50"]
+  return tmp_path, argv, calls
+
+
+def test_campaign_runs_resumes_and_reports_what_the_runs_measured(campaign):
+  tmp_path, argv, calls = campaign
+  experiments.main(["methods", "ablations", "domain", "layers", *argv])
+  cells = ["vanilla", "ct_f_0.3", "ct_d_0.3", "ct_d_random"]
+  assert len(calls) == 2 * len(cells)
+  assert [c[c.index("--seed") + 1] for c in calls] == ["0"] * 4 + ["1"] * 4  # seeds outermost
+  root = tmp_path / "root" / "runs"
+  for cell in cells:
+    for seed in (0, 1):
+      run = root / cell / f"seed_{seed}"
+      assert (run / "all_results.json").exists() and (run / "wall_seconds.json").exists()
+      # The probe reads the encoders of vanilla, CT-F 0.3 and CT-D 0.3; the rest are deleted.
+      assert (run / "checkpoints").is_dir() == (cell != "ct_d_random")
+
+  # The tables hold the runs' own numbers: mean and max over seeds, x100.
+  results = {cell: [json.loads((root / cell / f"seed_{s}" / "all_results.json").read_text())
+                    for s in (0, 1)] for cell in cells}
+  with open(tmp_path / "results" / "methods.csv") as file:
+    methods = {row["cell"]: row for row in csv.DictReader(file)}
+  accuracy = [100 * r["eval_accuracy"] for r in results["ct_d_0.3"]]
+  assert float(methods["ct_d_0.3"]["mean"]) == pytest.approx(np.mean(accuracy))
+  assert float(methods["ct_d_0.3"]["max"]) == pytest.approx(max(accuracy))
+  vanilla = [100 * r["eval_accuracy"] for r in results["vanilla"]]
+  assert float(methods["ct_d_0.3"]["delta_vs_vanilla"]) == pytest.approx(
+      np.mean(np.subtract(accuracy, vanilla)))
+  assert experiments.mean_max(accuracy) in (tmp_path / "results" / "methods.md").read_text()
+  ablations = (tmp_path / "results" / "ablations.md").read_text()
+  pruned = [100 * r["eval_pruned_accuracy"] for r in results["ct_d_0.3"]]
+  assert "Prune" in ablations and experiments.mean_max(pruned) in ablations
+  domain = (tmp_path / "results" / "domain.md").read_text()
+  tweets = [100 * r["eval_tweets_binary_accuracy"] for r in results["ct_f_0.3"]]
+  assert experiments.mean_max(tweets) in domain
+  for figure in ("methods.png", "layers.png"):
+    assert (tmp_path / "results" / figure).read_bytes()[:4] == b"\x89PNG"
+
+  # Finished runs are skipped; an interrupted one (a checkpoint, no results) resumes.
+  interrupted = root / "vanilla" / "seed_1"
+  (interrupted / "all_results.json").unlink()
+  calls.clear()
+  experiments.main(["methods", *argv])
+  assert len(calls) == 1 and "--resume" in calls[0] and str(interrupted) in calls[0]
+
+
+def test_overlap_probe_and_results_md(campaign):
+  tmp_path, argv, calls = campaign
+  (tmp_path / "RESULTS.md").write_text("old\n<!-- reading -->\nA hand-written reading.\n"
+                                       "<!-- /reading -->\nold tables\n")
+  experiments.main(["overlap", *argv])
+  assert len(calls) == 4 and all("--do_train" in c for c in calls)
+  with open(tmp_path / "results" / "overlap.csv") as file:
+    overlap = {row["task"]: row for row in csv.DictReader(file)}
+  assert float(overlap["RT"]["RT"]) == 1.0
+  assert 0 < float(overlap["RT"]["RT again"]) < 1
+  assert float(overlap["RT"]["NYT rating"]) == float(overlap["NYT rating"]["RT"])
+
+  experiments.main(["methods", "probe", "report", *argv])
+  with open(tmp_path / "results" / "probe.csv") as file:
+    probe = {row["encoder"]: row for row in csv.DictReader(file)}
+  assert set(probe) == {"Pretrained (no fine-tuning)", "Vanilla", "CT-F (p=0.3)", "CT-D (p=0.3)"}
+  assert all(0 <= float(row["Amazon"]) <= 100 for row in probe.values())
+  assert -100 <= float(probe["Vanilla"]["Tweets (rating)"]) <= 100
+  text = (tmp_path / "RESULTS.md").read_text()
+  assert "A hand-written reading." in text and "old tables" not in text
+  for name in ("methods", "probe", "overlap"):
+    assert (tmp_path / "results" / f"{name}.md").read_text().strip() in text
+    assert f"](results/{name}.png)" in text
+  assert "python -m train.experiments all --seeds 2" in text
+
+
+def test_dry_run_prints_the_trainer_commands(campaign, capsys):
+  tmp_path, argv, calls = campaign
+  experiments.main(["methods", "--dry_run", *argv])
+  printed = capsys.readouterr().out.splitlines()
+  assert len(printed) == 6 and not calls
+  assert all(line.startswith(f"{sys.executable} -m train.run_glue ") for line in printed)
+  with pytest.raises(FileNotFoundError, match="prepare_data"):
+    experiments.main(["methods", "--dry_run", *argv[:2], "--data_dir", str(tmp_path / "none")])
