@@ -64,7 +64,20 @@ class TextDataset:
 
 
 def load_glue(task_name: str) -> tuple[dict[str, TextDataset], GlueTask]:
-  """``({"train": ..., "validation": ...}, task)`` for a GLUE task, through ``datasets`` (needs the Hub)."""
+  """``({"train": ..., "validation": ...}, task)`` for a GLUE task, through ``datasets`` (needs the Hub).
+
+  MNLI's evaluation splits are ``validation_matched`` and ``validation_mismatched``.
+
+  Raises:
+    ValueError: for a task that is not in GLUE.
+    OSError: when the Hub cannot be reached; the message says to use local files.
+
+  Examples:
+    >>> from childtuning_jax.data import load_glue
+    >>> splits, task = load_glue("rte")  # doctest: +SKIP
+    >>> len(splits["train"]), task.num_labels  # doctest: +SKIP
+    (2490, 2)
+  """
   if task_name not in GLUE_TASKS:
     raise ValueError(f"unknown GLUE task {task_name!r}; known: {', '.join(GLUE_TASKS)}.")
   import datasets
@@ -89,7 +102,16 @@ def load_glue(task_name: str) -> tuple[dict[str, TextDataset], GlueTask]:
 
 def read_rows(path: str | os.PathLike) -> list[dict[str, Any]]:
   """Rows of a ``.csv``/``.tsv`` file (with a header) or a ``.json``/``.jsonl`` file
-  (JSON lines, or one JSON list of objects)."""
+  (JSON lines, or one JSON list of objects).
+
+  Examples:
+    >>> import pathlib, tempfile
+    >>> from childtuning_jax.data import read_rows
+    >>> path = pathlib.Path(tempfile.mkdtemp()) / "dev.jsonl"
+    >>> _ = path.write_text('{"sentence": "a fine film", "label": "positive"}\\n')
+    >>> read_rows(path)
+    [{'sentence': 'a fine film', 'label': 'positive'}]
+  """
   path = Path(path)
   if not path.is_file():
     raise FileNotFoundError(f"data file {path} does not exist.")
@@ -122,7 +144,15 @@ def read_rows(path: str | os.PathLike) -> list[dict[str, Any]]:
 
 def text_columns_of(columns: Sequence[str], path: str | os.PathLike) -> tuple[str, ...]:
   """run_glue's choice: ``sentence1``/``sentence2``, else ``sentence``, else the first
-  one or two non-label columns."""
+  one or two non-label columns.
+
+  Examples:
+    >>> from childtuning_jax.data import text_columns_of
+    >>> text_columns_of(["idx", "question", "sentence", "label"], "qnli.csv")
+    ('sentence',)
+    >>> text_columns_of(["premise", "hypothesis", "label"], "nli.csv")
+    ('premise', 'hypothesis')
+  """
   if "sentence1" in columns:
     return ("sentence1", "sentence2") if "sentence2" in columns else ("sentence1",)
   if "sentence" in columns:
@@ -151,6 +181,20 @@ def load_local(path: str | os.PathLike, *, text_columns: tuple[str, ...] | None 
     ValueError: missing column, missing text, empty label, unknown label, empty file;
       the message names the file, the row (counting the header as row 1 for
       CSV, from 1 for JSON) and the column.
+
+  Examples:
+    >>> import pathlib, tempfile
+    >>> from childtuning_jax.data import load_local
+    >>> path = pathlib.Path(tempfile.mkdtemp()) / "train.csv"
+    >>> _ = path.write_text("sentence,label\\na fine film,positive\\ndull,negative\\n")
+    >>> data = load_local(path)
+    >>> data.text_a, data.labels.tolist(), data.label_names
+    (['a fine film', 'dull'], [1, 0], ['negative', 'positive'])
+    >>> _ = path.write_text("sentence,label\\nok,neutral\\n")
+    >>> load_local(path, label_list=["negative", "positive"])
+    Traceback (most recent call last):
+    ...
+    ValueError: .../train.csv, row 2: label 'neutral' is not one of the training labels ['negative', 'positive'].
   """
   rows = read_rows(path)
   columns = list(rows[0].keys())
@@ -235,7 +279,19 @@ def _looks_like_regression(values: Sequence[Any]) -> bool:
 def encode(dataset: TextDataset, tokenizer: Any, max_seq_length: int) -> dict[str, np.ndarray]:
   """Tokenises to fixed-length int32 arrays (``input_ids``, ``attention_mask``,
   ``token_type_ids``) plus ``labels``, padded to ``max_seq_length`` so one
-  compiled step serves every batch."""
+  compiled step serves every batch.
+
+  Examples:
+    >>> import numpy as np
+    >>> from transformers import AutoTokenizer
+    >>> from childtuning_jax.data import TextDataset, encode
+    >>> from childtuning_jax.models import embedded_model_path
+    >>> tokenizer = AutoTokenizer.from_pretrained(embedded_model_path())
+    >>> data = TextDataset("toy", ["a fine film", "dull"], None, np.array([1, 0], np.int32))
+    >>> arrays = encode(data, tokenizer, max_seq_length=8)
+    >>> arrays["input_ids"].shape, arrays["attention_mask"].tolist()
+    ((2, 8), [[1, 1, 1, 1, 1, 0, 0, 0], [1, 1, 1, 0, 0, 0, 0, 0]])
+  """
   encoded = tokenizer(dataset.text_a, dataset.text_b, truncation=True, max_length=max_seq_length,
                       padding="max_length", return_token_type_ids=True)
   arrays = {name: np.asarray(encoded[name], np.int32)
@@ -251,6 +307,13 @@ def batch_indices(num_examples: int, batch_size: int, *, seed: int, epoch: int,
   The order is a pure function of ``(seed, epoch)``, so a resumed run sees the
   same batches as an uninterrupted one. Training drops the last partial batch
   (static shapes); evaluation keeps it (``drop_last=False``).
+
+  Examples:
+    >>> from childtuning_jax.data import batch_indices
+    >>> [b.tolist() for b in batch_indices(5, 2, seed=0, epoch=0, shuffle=False)]
+    [[0, 1], [2, 3]]
+    >>> [b.tolist() for b in batch_indices(5, 2, seed=0, epoch=0, shuffle=False, drop_last=False)]
+    [[0, 1], [2, 3], [4]]
   """
   order = (np.random.default_rng([seed, epoch]).permutation(num_examples) if shuffle
            else np.arange(num_examples))

@@ -201,6 +201,18 @@ def load_mask(path: str | os.PathLike, like: Any) -> Any:
   Raises:
     ValueError: if the file lacks a leaf of ``like``, has leaves ``like``
       does not, or a leaf's shape differs; the message names the leaf.
+
+  Examples:
+    >>> import os, tempfile, numpy as np
+    >>> from childtuning_jax import save_mask, load_mask
+    >>> path = os.path.join(tempfile.mkdtemp(), "mask.npz")
+    >>> save_mask(path, {"w": np.array([True, False])})
+    >>> load_mask(path, like={"w": np.zeros(2)})["w"]
+    array([ True, False])
+    >>> load_mask(path, like={"w": np.zeros(3)})
+    Traceback (most recent call last):
+    ...
+    ValueError: ...
   """
   with np.load(path) as data:
     stored = {name: data[name] for name in data.files}

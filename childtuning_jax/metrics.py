@@ -18,12 +18,25 @@ _TASK_METRICS = {
 
 
 def accuracy(predictions, labels) -> float:
+  """The fraction of predictions equal to the labels.
+
+  Examples:
+    >>> from childtuning_jax.metrics import accuracy
+    >>> accuracy([1, 0, 1, 1], [1, 0, 0, 1])
+    0.75
+  """
   predictions, labels = _pair(predictions, labels)
   return float(np.mean(predictions == labels))
 
 
 def f1(predictions, labels) -> float:
-  """Binary F1 of the positive class (label 1)."""
+  """Binary F1 of the positive class (label 1).
+
+  Examples:
+    >>> from childtuning_jax.metrics import f1
+    >>> f1([1, 0, 1, 1], [1, 0, 0, 1])  # precision 2/3, recall 1
+    0.8
+  """
   predictions, labels = _pair(predictions, labels)
   true_positive = np.sum((predictions == 1) & (labels == 1))
   predicted, actual = np.sum(predictions == 1), np.sum(labels == 1)
@@ -31,7 +44,13 @@ def f1(predictions, labels) -> float:
 
 
 def matthews_correlation(predictions, labels) -> float:
-  """Matthews correlation of binary predictions; 0 when a class is never predicted or present."""
+  """Matthews correlation of binary predictions; 0 when a class is never predicted or present.
+
+  Examples:
+    >>> from childtuning_jax.metrics import matthews_correlation
+    >>> matthews_correlation([1, 0, 1, 0], [1, 0, 1, 0]), matthews_correlation([1, 1, 1], [1, 0, 1])
+    (1.0, 0.0)
+  """
   predictions, labels = _pair(predictions, labels)
   tp = float(np.sum((predictions == 1) & (labels == 1)))
   tn = float(np.sum((predictions != 1) & (labels != 1)))
@@ -42,6 +61,13 @@ def matthews_correlation(predictions, labels) -> float:
 
 
 def pearson(predictions, labels) -> float:
+  """Pearson correlation; 0 when either side is constant.
+
+  Examples:
+    >>> from childtuning_jax.metrics import pearson
+    >>> pearson([1.0, 2.0, 3.0], [2.0, 4.0, 6.5])
+    0.9979...
+  """
   predictions, labels = _pair(predictions, labels, dtype=np.float64)
   x, y = predictions - predictions.mean(), labels - labels.mean()
   denominator = np.sqrt(np.sum(x * x) * np.sum(y * y))
@@ -49,7 +75,13 @@ def pearson(predictions, labels) -> float:
 
 
 def spearmanr(predictions, labels) -> float:
-  """Pearson correlation of the ranks, ties given their average rank."""
+  """Pearson correlation of the ranks, ties given their average rank.
+
+  Examples:
+    >>> from childtuning_jax.metrics import spearmanr
+    >>> spearmanr([1.0, 2.0, 3.0], [1.0, 4.0, 9.0])  # monotone: 1 whatever the spacing
+    1.0
+  """
   predictions, labels = _pair(predictions, labels, dtype=np.float64)
   return pearson(_average_ranks(predictions), _average_ranks(labels))
 
@@ -59,7 +91,13 @@ _FUNCTIONS = {"accuracy": accuracy, "f1": f1, "matthews_correlation": matthews_c
 
 
 def metric_names(task_name: str | None, is_regression: bool) -> tuple[str, ...]:
-  """The metrics reported for a GLUE task, or for a local data set without a task name."""
+  """The metrics reported for a GLUE task, or for a local data set without a task name.
+
+  Examples:
+    >>> from childtuning_jax.metrics import metric_names
+    >>> metric_names("cola", False), metric_names(None, True)
+    (('matthews_correlation',), ('pearson', 'spearmanr'))
+  """
   if task_name in _TASK_METRICS:
     return _TASK_METRICS[task_name]
   return ("pearson", "spearmanr") if is_regression else ("accuracy",)

