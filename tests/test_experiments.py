@@ -154,3 +154,21 @@ def test_dry_run_prints_the_trainer_commands(campaign, capsys):
   assert all(line.startswith(f"{sys.executable} -m train.run_glue ") for line in printed)
   with pytest.raises(FileNotFoundError, match="prepare_data"):
     experiments.main(["methods", "--dry_run", *argv[:2], "--data_dir", str(tmp_path / "none")])
+
+
+def test_a_failed_run_is_reported_and_the_campaign_goes_on(campaign, monkeypatch):
+  tmp_path, argv, calls = campaign
+
+  def failing_for_ct_f(command, stdout, stderr, cwd, env):
+    calls.append(command[3:])
+    code = 1 if "ChildTuning-F" in command else 0
+    if code == 0:
+      (experiments.Path(command[command.index("--output_dir") + 1]) / "all_results.json").write_text(
+          json.dumps({"eval_accuracy": 0.5}))
+    return subprocess.CompletedProcess(command, code)
+
+  monkeypatch.setattr(experiments.subprocess, "run", failing_for_ct_f)
+  monkeypatch.setitem(experiments.EXPERIMENT_CELLS, "methods", ["ct_f_0.3", "vanilla"])
+  with pytest.raises(RuntimeError, match=r"2 run\(s\) failed: .*ct_f_0.3 seed 0.*ct_f_0.3 seed 1"):
+    experiments.main(["methods", *argv])
+  assert len(calls) == 4  # vanilla ran for both seeds after CT-F failed

@@ -196,17 +196,26 @@ def run_cells(setting: Setting, cell_names: Sequence[str]) -> None:
   """Every (seed, cell) fine-tuning run, seeds in the outer loop."""
   cells = [CELLS[name] for name in dict.fromkeys(cell_names)]
   jobs = [(seed, cell) for seed in range(setting.seeds) for cell in cells]
+  failed = []
   for number, (seed, cell) in enumerate(jobs, 1):
     output_dir = setting.run_dir(cell.name, seed)
     label = f"[{number}/{len(jobs)}] {cell.name} seed {seed}"
     done_before = (output_dir / "all_results.json").exists()
     started = time.perf_counter()
-    results = run_one(setting, setting.command(cell, seed), output_dir,
-                      keep_checkpoint=cell.keep_checkpoint, label=label)
+    try:
+      results = run_one(setting, setting.command(cell, seed), output_dir,
+                        keep_checkpoint=cell.keep_checkpoint, label=label)
+    except RuntimeError as error:  # one failed run does not stop a campaign of hours
+      logger.error("%s", error)
+      failed.append(label)
+      continue
     if results is not None:
       score = {k: round(v, 4) for k, v in results.items() if k in PRIMARY_METRICS}
       logger.info("%s: %s%s", label, score,
                   " (done before)" if done_before else f" in {time.perf_counter() - started:.0f} s")
+  if failed:
+    raise RuntimeError(f"{len(failed)} run(s) failed: {', '.join(failed)}. Run the same command "
+                       "again to retry them (finished runs are skipped).")
 
 
 PRIMARY_METRICS = ("eval_accuracy", "eval_pearson", "eval_matthews_correlation")
