@@ -21,6 +21,10 @@ def _torch_model(kind, num_labels, seed=0, **overrides):
   if kind == "bert":
     config = transformers.BertConfig(**TINY, num_labels=num_labels, **overrides)
     return transformers.BertForSequenceClassification(config).eval()
+  if kind == "electra":  # embeddings narrower than the hidden size, as ELECTRA-small
+    config = transformers.ElectraConfig(**TINY, embedding_size=16, num_labels=num_labels,
+                                        **overrides)
+    return transformers.ElectraForSequenceClassification(config).eval()
   config = transformers.RobertaConfig(**TINY, num_labels=num_labels, pad_token_id=1,
                                       type_vocab_size=1, layer_norm_eps=1e-5, **overrides)
   return transformers.RobertaForSequenceClassification(config).eval()
@@ -29,14 +33,14 @@ def _torch_model(kind, num_labels, seed=0, **overrides):
 def _padded_batch(kind):
   rng = np.random.default_rng(0)
   lengths = [12, 7, 3]
-  pad = 0 if kind == "bert" else 1
+  pad = 1 if kind == "roberta" else 0
   ids = np.full((3, 12), pad, np.int64)
   mask = np.zeros((3, 12), np.int64)
   types = np.zeros((3, 12), np.int64)
   for row, n in enumerate(lengths):
     ids[row, :n] = rng.integers(5, TINY["vocab_size"], n)
     mask[row, :n] = 1
-    if kind == "bert":
+    if kind != "roberta":
       types[row, n // 2:n] = 1  # a sentence pair
   return ids, mask, types
 
@@ -53,7 +57,7 @@ def _compare(kind, model, params, torch_model):
   return got
 
 
-@pytest.mark.parametrize("kind", ["bert", "roberta"])
+@pytest.mark.parametrize("kind", ["bert", "roberta", "electra"])
 @pytest.mark.parametrize("num_labels", [3, 1])
 def test_logits_match_pytorch_transformers(tmp_path, kind, num_labels):
   torch_model = _torch_model(kind, num_labels)
@@ -165,3 +169,15 @@ def test_embedded_minilm_matches_pytorch_and_tokenises_offline():
   got = model.apply({"params": params}, *(jnp.asarray(encoded[k], jnp.int32)
                                           for k in ("input_ids", "attention_mask", "token_type_ids")))
   np.testing.assert_allclose(np.asarray(got), pooled @ kernel + bias, atol=1e-4)
+
+
+def test_electra_discriminator_checkpoint_loads_the_encoder_and_reports_its_head(tmp_path):
+  torch.manual_seed(3)
+  config = transformers.ElectraConfig(**TINY, embedding_size=16)
+  transformers.ElectraForPreTraining(config).eval().save_pretrained(tmp_path)
+  model, params, info = load_pretrained(tmp_path, 2, output_loading_info=True)
+  assert sorted(info["missing_keys"]) == ["classifier/dense/bias", "classifier/dense/kernel",
+                                          "classifier/out_proj/bias", "classifier/out_proj/kernel"]
+  assert info["unexpected_keys"] and all(k.startswith("discriminator_predictions.")
+                                         for k in info["unexpected_keys"])
+  assert params["electra"]["embeddings_project"]["kernel"].shape == (16, 32)

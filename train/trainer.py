@@ -195,7 +195,8 @@ def make_train_step(model, tx, schedule, *, is_regression: bool, mixout_p: float
       if r3f is not None:
         sigma, noise_kind, weight = r3f
         noise = regularizers.r3f_noise(jax.random.fold_in(dropout_key, 2),
-                                       batch["input_ids"].shape + (model.config.hidden_size,),
+                                       batch["input_ids"].shape + (model.config.embedding_size
+                                                                   or model.config.hidden_size,),
                                        sigma, noise_kind)
         noisy = logits_of(model, params, batch, dropout_key=jax.random.fold_in(dropout_key, 3),
                           row_offsets={model.word_embeddings_path: noise})

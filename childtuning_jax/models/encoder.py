@@ -1,15 +1,16 @@
 """BERT-family encoders with a sequence-classification head, in Flax Linen.
 
-One module, :class:`EncoderForSequenceClassification`, covers BERT and RoBERTa
-(and, through the head table below, leaves room for ELECTRA's discriminator:
-same encoder, a two-layer GELU head). Submodules carry Hugging Face's names
+One module, :class:`EncoderForSequenceClassification`, covers BERT, RoBERTa and
+ELECTRA's discriminator (same encoder; embeddings of their own width projected
+to the hidden size; a two-layer GELU head). Submodules carry Hugging Face's names
 (``bert/encoder/layer_3/attention/self/query``) so that checkpoints map onto
 the parameters by name (see :mod:`childtuning_jax.models.loading`), and the
 parameters stay a plain pytree for the optax transforms and the Fisher
 estimator.
 
-Outputs match ``transformers``' ``BertForSequenceClassification`` and
-``RobertaForSequenceClassification`` (tested to < 1e-4 on random tiny models).
+Outputs match ``transformers``' ``BertForSequenceClassification``,
+``RobertaForSequenceClassification`` and ``ElectraForSequenceClassification``
+(tested to < 1e-4 on random tiny models).
 """
 
 from __future__ import annotations
@@ -31,11 +32,12 @@ _ACTIVATIONS = {
 }
 
 # model_type -> (has a pooler, classification head): "pooler" = BERT's
-# dropout + Linear on the tanh pooler; "two_layer" = RoBERTa/ELECTRA's
-# dense + activation + out_proj on the first token.
+# dropout + Linear on the tanh pooler; otherwise the activation of a two-layer head
+# (dense + activation + out_proj on the first token): tanh for RoBERTa, GELU for ELECTRA.
 _ARCHITECTURES = {
     "bert": (True, "pooler"),
-    "roberta": (False, "two_layer"),
+    "roberta": (False, "tanh"),
+    "electra": (False, "gelu"),
 }
 
 
@@ -46,6 +48,7 @@ class EncoderConfig:
   model_type: str = "bert"
   vocab_size: int = 30522
   hidden_size: int = 768
+  embedding_size: int | None = None  # ELECTRA: the embeddings' width (None: hidden_size)
   num_hidden_layers: int = 12
   num_attention_heads: int = 12
   intermediate_size: int = 3072
@@ -111,7 +114,7 @@ class Embeddings(nn.Module):
   def __call__(self, input_ids, token_type_ids, position_ids, deterministic):
     c = self.config
     embed = lambda size, name: nn.Embed(
-        size, c.hidden_size, embedding_init=nn.initializers.normal(c.initializer_range), name=name)
+        size, c.embedding_size or c.hidden_size, embedding_init=nn.initializers.normal(c.initializer_range), name=name)
     # perturb: a no-op unless a "perturbations" collection is passed; the Fisher estimator
     # differentiates through it to get per-example word-embedding gradients row by row.
     x = (self.perturb(WORD_ROWS, embed(c.vocab_size, "word_embeddings")(input_ids))
@@ -212,6 +215,8 @@ class EncoderModel(nn.Module):
     else:
       position_ids = jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
     x = Embeddings(c, name="embeddings")(input_ids, token_type_ids, position_ids, deterministic)
+    if (c.embedding_size or c.hidden_size) != c.hidden_size:  # ELECTRA-small's narrow embeddings
+      x = _dense(c, c.hidden_size, "embeddings_project")(x)
     # Additive mask over keys, as transformers does: 0 where attended, dtype-min where padded.
     attention_bias = jnp.where(attention_mask[:, None, None, :].astype(bool), 0.0,
                                jnp.finfo(x.dtype).min).astype(x.dtype)
@@ -257,7 +262,7 @@ class EncoderForSequenceClassification(nn.Module):
     if head == "pooler":
       pooled = nn.Dropout(c.classifier_dropout_rate)(pooled, deterministic)
       return _dense(c, c.num_labels, "classifier")(pooled)
-    return ClassificationHead(c, name="classifier")(sequence[:, 0], deterministic)
+    return ClassificationHead(c, activation=head, name="classifier")(sequence[:, 0], deterministic)
 
 
   @property
@@ -273,13 +278,16 @@ class EncoderForSequenceClassification(nn.Module):
 
 
 class ClassificationHead(nn.Module):
-  """RoBERTa's head: dropout -> dense -> tanh -> dropout -> out_proj, on the first token."""
+  """RoBERTa's and ELECTRA's head: dropout -> dense -> activation (tanh; ELECTRA: GELU)
+  -> dropout -> out_proj, on the first token."""
 
   config: EncoderConfig
+  activation: str = "tanh"
 
   @nn.compact
   def __call__(self, x, deterministic):
     c = self.config
     dropout = nn.Dropout(c.classifier_dropout_rate)
-    x = jnp.tanh(_dense(c, c.hidden_size, "dense")(dropout(x, deterministic)))
+    activation = jnp.tanh if self.activation == "tanh" else _ACTIVATIONS[self.activation]
+    x = activation(_dense(c, c.hidden_size, "dense")(dropout(x, deterministic)))
     return _dense(c, c.num_labels, "out_proj")(dropout(x, deterministic))
