@@ -156,8 +156,10 @@ def test_dry_run_prints_the_trainer_commands(campaign, capsys):
     experiments.main(["methods", "--dry_run", *argv[:2], "--data_dir", str(tmp_path / "none")])
 
 
-def test_a_failed_run_is_reported_and_the_campaign_goes_on(campaign, monkeypatch):
+@pytest.mark.parametrize("jobs", ["1", "2"])
+def test_a_failed_run_is_reported_and_the_campaign_goes_on(campaign, monkeypatch, jobs):
   tmp_path, argv, calls = campaign
+  argv = [*argv, "--jobs", jobs]
 
   def failing_for_ct_f(command, stdout, stderr, cwd, env):
     calls.append(command[3:])

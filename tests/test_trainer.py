@@ -323,3 +323,30 @@ def test_ablation_child_networks_and_prune_at_eval(tiny, tmp_path):
               ("--mode", "ChildTuning-F", "--child_network", "random")):
     with pytest.raises(ValueError, match="options of --mode ChildTuning-D"):
       run(tiny, tmp_path / "bad", *bad)
+
+
+def test_sigterm_saves_a_checkpoint_and_resume_finishes_the_run(tiny, tmp_path, monkeypatch):
+  import os
+  import signal
+
+  from train import input_pipeline
+
+  flags = RESUME_FLAGS + ["--mode", "ChildTuning-F"]
+  uninterrupted = run(tiny, tmp_path / "uninterrupted", *flags)
+  place, calls = input_pipeline.place, []
+
+  def place_then_preempt(batch, sharding):
+    calls.append(1)
+    if len(calls) == 5:  # as a preempted VM or a cluster's time limit would, mid-run
+      os.kill(os.getpid(), signal.SIGTERM)
+    return place(batch, sharding)
+
+  monkeypatch.setattr(input_pipeline, "place", place_then_preempt)
+  with pytest.raises(KeyboardInterrupt):
+    run(tiny, tmp_path / "preempted", *flags)
+  monkeypatch.setattr(input_pipeline, "place", place)
+  saved = sorted(int(p.name) for p in (tmp_path / "preempted" / "checkpoints").iterdir())
+  assert saved and 0 < max(saved) < 8
+  assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is removed again
+  resumed = run(tiny, tmp_path / "preempted", *flags, "--resume")
+  assert resumed["eval_loss"] == uninterrupted["eval_loss"]

@@ -27,6 +27,7 @@ fitting after 2 epochs), evaluation on 1,000 held-out reviews. Each prior method
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import csv
 import dataclasses
 import json
@@ -119,6 +120,7 @@ class Setting:
   per_device_train_batch_size: int = 16
   max_eval_samples: int = 1000
   fisher_num_examples: int = 256
+  jobs: int = 1
   results_dir: Path = Path("results")
   results_md: Path = Path("RESULTS.md")
   dry_run: bool = False
@@ -193,11 +195,14 @@ def run_one(setting: Setting, command: list[str], output_dir: Path, *, keep_chec
 
 
 def run_cells(setting: Setting, cell_names: Sequence[str]) -> None:
-  """Every (seed, cell) fine-tuning run, seeds in the outer loop."""
+  """Every (seed, cell) fine-tuning run, seeds in the outer loop; ``setting.jobs`` trainer
+  processes at a time (on a 2-core CPU two overlap one's single-threaded start-up and
+  host work with the other's compute)."""
   cells = [CELLS[name] for name in dict.fromkeys(cell_names)]
   jobs = [(seed, cell) for seed in range(setting.seeds) for cell in cells]
   failed = []
-  for number, (seed, cell) in enumerate(jobs, 1):
+
+  def job(number, seed, cell):
     output_dir = setting.run_dir(cell.name, seed)
     label = f"[{number}/{len(jobs)}] {cell.name} seed {seed}"
     done_before = (output_dir / "all_results.json").exists()
@@ -208,14 +213,19 @@ def run_cells(setting: Setting, cell_names: Sequence[str]) -> None:
     except RuntimeError as error:  # one failed run does not stop a campaign of hours
       logger.error("%s", error)
       failed.append(label)
-      continue
+      return
     if results is not None:
       score = {k: round(v, 4) for k, v in results.items() if k in PRIMARY_METRICS}
       logger.info("%s: %s%s", label, score,
                   " (done before)" if done_before else f" in {time.perf_counter() - started:.0f} s")
+
+  with concurrent.futures.ThreadPoolExecutor(max(1, setting.jobs)) as pool:
+    for future in [pool.submit(job, number, seed, cell)
+                   for number, (seed, cell) in enumerate(jobs, 1)]:
+      future.result()
   if failed:
-    raise RuntimeError(f"{len(failed)} run(s) failed: {', '.join(failed)}. Run the same command "
-                       "again to retry them (finished runs are skipped).")
+    raise RuntimeError(f"{len(failed)} run(s) failed: {', '.join(sorted(failed))}. Run the same "
+                       "command again to retry them (finished runs are skipped).")
 
 
 PRIMARY_METRICS = ("eval_accuracy", "eval_pearson", "eval_matthews_correlation")

@@ -18,6 +18,8 @@ import logging
 import math
 import re
 import shutil
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -481,6 +483,7 @@ def train_and_evaluate(model_args: ModelArguments, data_args: DataArguments,
                  "examples_per_second": round(batch_size / seconds, 2)})
       bar.set_postfix(loss=f"{values['loss']:.4f}", ex_s=f"{batch_size / seconds:.1f}")
 
+    stop_on_sigterm = _StopOnSigterm()
     try:
       step_started = time.perf_counter()
       for step in range(start_step, total_steps):
@@ -508,12 +511,13 @@ def train_and_evaluate(model_args: ModelArguments, data_args: DataArguments,
         if evaluating:
           log.write({"step": done, **evaluate_all(eval_step, state.params, eval_arrays, datasets,
                                                   args, run)})
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (a preempted TPU VM, a cluster's time limit)
       logger.warning("interrupted; saving a checkpoint at step %d (resume with --resume)",
                      int(state.step))
       save(state)
       raise
     finally:
+      stop_on_sigterm.restore()
       bar.close()
       checkpoints.wait_until_finished()
       checkpoints.close()
@@ -547,6 +551,23 @@ def train_and_evaluate(model_args: ModelArguments, data_args: DataArguments,
     run.write_json("eval_results.json", results)
   run.write_json("all_results.json", all_results)
   return all_results
+
+
+class _StopOnSigterm:
+  """While training, SIGTERM stops the loop as Ctrl-C does, so the state is saved first."""
+
+  def __init__(self):
+    self.previous = None
+    if threading.current_thread() is threading.main_thread():
+      self.previous = signal.signal(signal.SIGTERM, self._raise)
+
+  @staticmethod
+  def _raise(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+  def restore(self) -> None:
+    if self.previous is not None:
+      signal.signal(signal.SIGTERM, self.previous)
 
 
 def _warn_on_changed_flags(saved: dict, current: dict) -> None:
