@@ -119,8 +119,11 @@ def test_resume_after_a_crash_gives_the_uninterrupted_result(tiny, tmp_path, mon
 
   # Resuming in the crashed directory keeps its metrics log consistent: steps 1..8 once each.
   again = run(tiny, tmp_path / "crashed", *flags, "--resume")
-  assert again == {**uninterrupted, "train_runtime": again["train_runtime"],
-                   "train_samples_per_second": again["train_samples_per_second"]}
+  untimed = lambda results: {k: v for k, v in results.items()
+                             if not k.endswith("runtime") and k != "train_samples_per_second"}
+  assert untimed(again) == untimed(uninterrupted)
+  if mode == "ChildTuning-D":
+    assert uninterrupted["child_network_runtime"] > 0
 
 
 def test_a_save_killed_midway_leaves_the_previous_checkpoint_usable(tiny, tmp_path):

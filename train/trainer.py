@@ -428,13 +428,15 @@ def train_and_evaluate(model_args: ModelArguments, data_args: DataArguments,
   checkpoints = (checkpoints_lib.manager(run.output_dir / "checkpoints", args.save_total_limit)
                  if args.do_train else None)
   resuming = checkpoints is not None and args.resume and checkpoints.latest_step() is not None
-  mask = None
+  mask, child_network_runtime = None, None
   if args.mode == "ChildTuning-D":
     if resuming:  # the child network comes back with the optimizer state
       mask = jax.tree.map(lambda p: np.ones(p.shape, bool), params)
     else:
+      started = time.perf_counter()
       mask = estimate_child_network(model, jax.device_put(params, run.replicated), train_arrays,
                                     datasets, args, run)
+      child_network_runtime = round(time.perf_counter() - started, 3)
   tx = optimizer(args, schedule, params, key=ctf_key, mask=mask, from_checkpoint=from_checkpoint)
   # Mixout's w0 is a copy: the state is donated to the step, and a buffer cannot be donated twice.
   pretrained = jax.tree.map(jnp.array, params) if args.mixout_p else None
@@ -545,6 +547,8 @@ def train_and_evaluate(model_args: ModelArguments, data_args: DataArguments,
         "train_samples_per_second": round(steps_run * batch_size / runtime, 3) if steps_run else 0.0,
         "epoch": round(total_steps / steps_per_epoch, 4),
     }
+    if child_network_runtime is not None:  # CT-D: Fisher pass and selection, before training
+      train_results["child_network_runtime"] = child_network_runtime
     run.write_json("train_results.json", train_results)
     all_results = {**train_results, **results}
   if args.do_eval:

@@ -1,0 +1,107 @@
+"""The trainer end to end: throughput of vanilla, CT-F and CT-D, and CT-D's time to result.
+
+Each mode runs ``train/run_glue.py`` as a user would (its own process, the
+embedded MiniLM-L6 and Rotten Tomatoes data, batch 32 × 128 tokens, all
+cores), for ``--steps`` optimizer steps, ``--reps`` times in random order.
+Reported, as medians over repetitions:
+
+- examples/s in training: the median over a run's steps of the per-step
+  rate the trainer logs (``metrics.jsonl``), first steps (compilation) left out;
+- time to result: CT-D's Fisher pass and child-network selection
+  (``child_network_runtime``) plus its training time, against vanilla's
+  training time for the same steps.
+
+Run: python bench/bench_trainer.py                (about 10 minutes on 2 CPU cores)
+     python bench/bench_trainer.py --steps 4 --reps 1 --fisher_num_examples 32   (a smoke run)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench_core import machine, update_benchmarks_md  # noqa: E402
+
+MODES = ("vanilla", "ChildTuning-F", "ChildTuning-D")
+WARMUP_STEPS = 3  # the first steps compile
+
+
+def run_mode(mode: str, args, output_dir: Path) -> dict:
+  command = [sys.executable, "-m", "train.run_glue", "--output_dir", str(output_dir),
+             "--overwrite_output_dir", "--mode", mode, "--reserve_p", "0.3",
+             "--per_device_train_batch_size", "32", "--max_seq_length", "128",
+             "--max_steps", str(args.steps), "--fisher_num_examples", str(args.fisher_num_examples),
+             "--max_eval_samples", "64", "--save_steps", "100000", "--disable_tqdm"]
+  subprocess.run(command, cwd=ROOT, check=True, stdout=subprocess.DEVNULL,
+                 stderr=subprocess.DEVNULL)
+  results = json.loads((output_dir / "all_results.json").read_text())
+  rates = [json.loads(line)["examples_per_second"]
+           for line in (output_dir / "metrics.jsonl").read_text().splitlines()
+           if "examples_per_second" in line]
+  steady = rates[WARMUP_STEPS:] or rates
+  return {"examples_per_second": float(np.median(steady)),
+          "train_runtime": results["train_runtime"],
+          "child_network_runtime": results.get("child_network_runtime", 0.0)}
+
+
+def render(results: dict) -> str:
+  modes = results["modes"]
+  vanilla = modes["vanilla"]
+  lines = [f"Trainer, {results['steps']} steps of batch 32 × 128 tokens on the embedded "
+           f"MiniLM-L6, medians of {results['reps']} runs per mode "
+           f"(`python bench/bench_trainer.py`, {results['machine']['cpu']}, "
+           f"{results['machine']['cores']} cores, JAX {results['machine']['jax']}):", "",
+           "| mode | examples/s (training) | vs vanilla | child network (s) | training (s) | "
+           "time to result (s) | vs vanilla |", "|---|---|---|---|---|---|---|"]
+  for mode, m in modes.items():
+    total = m["child_network_runtime"] + m["train_runtime"]
+    lines.append(f"| {mode} | {m['examples_per_second']:.2f} | "
+                 f"{m['examples_per_second'] / vanilla['examples_per_second']:.3f}× | "
+                 f"{m['child_network_runtime']:.1f} | {m['train_runtime']:.1f} | {total:.1f} | "
+                 f"{total / vanilla['train_runtime']:.3f}× |")
+  lines += ["", f"CT-D's child network comes from the Fisher information of "
+            f"{results['fisher_num_examples']} training examples (per example, row-sparse word "
+            "embeddings). Training time includes the first steps' compilation."]
+  return "\n".join(lines) + "\n"
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--steps", type=int, default=40)
+  parser.add_argument("--reps", type=int, default=3)
+  parser.add_argument("--fisher_num_examples", type=int, default=256)
+  parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "trainer_cpu.json")
+  parser.add_argument("--no_markdown", action="store_true", help="do not update BENCHMARKS.md")
+  args = parser.parse_args()
+  rng = np.random.default_rng(0)
+  runs = {mode: [] for mode in MODES}
+  with tempfile.TemporaryDirectory() as scratch:
+    for rep in range(args.reps):
+      for mode in rng.permutation(MODES):
+        runs[mode].append(run_mode(str(mode), args, Path(scratch) / f"{mode}_{rep}"))
+        print(f"rep {rep} {mode}: {runs[mode][-1]}", flush=True)
+  results = {"machine": machine(), "steps": args.steps, "reps": args.reps,
+             "fisher_num_examples": args.fisher_num_examples,
+             "modes": {mode: {key: float(np.median([r[key] for r in rs])) for key in rs[0]}
+                       for mode, rs in runs.items()},
+             "runs": runs}
+  args.out.parent.mkdir(parents=True, exist_ok=True)
+  args.out.write_text(json.dumps(results, indent=2) + "\n")
+  text = render(results)
+  print(text)
+  if not args.no_markdown:
+    update_benchmarks_md(text, "cpu", name="bench_trainer", title="Trainer throughput")
+
+
+if __name__ == "__main__":
+  main()
