@@ -811,6 +811,8 @@ def parse(argv: Sequence[str] | None = None) -> tuple[list[str], Setting]:
                         help="default: %(default)s")
   parser.add_argument("--dry_run", action="store_true", help="print the trainer commands only")
   args = vars(parser.parse_args(argv))
+  for name in ("root", "data_dir", "results_dir", "results_md"):  # runs start in the repository
+    args[name] = args[name].absolute()
   experiments = args.pop("experiments")
   if "all" in experiments:
     experiments = [*EXPERIMENT_CELLS, "report"]
