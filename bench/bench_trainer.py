@@ -53,11 +53,15 @@ def run_mode(mode: str, args, output_dir: Path) -> dict:
           "child_network_runtime": results.get("child_network_runtime", 0.0)}
 
 
+def _runs(count: int) -> str:
+  return "one run" if count == 1 else f"medians of {count} runs"
+
+
 def render(results: dict) -> str:
   modes = results["modes"]
   vanilla = modes["vanilla"]
   lines = [f"Trainer, {results['steps']} steps of batch 32 × 128 tokens on the embedded "
-           f"MiniLM-L6, medians of {results['reps']} runs per mode "
+           f"MiniLM-L6, {_runs(results['reps'])} per mode "
            f"(`python bench/bench_trainer.py`, {results['machine']['cpu']}, "
            f"{results['machine']['cores']} cores, JAX {results['machine']['jax']}):", "",
            "| mode | examples/s (training) | vs vanilla | child network (s) | training (s) | "
