@@ -30,6 +30,7 @@ import argparse
 import concurrent.futures
 import csv
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -547,16 +548,22 @@ PROBE_TASKS = {"vader/amazon_binary.csv": "Amazon", "vader/nyt_binary.csv": "NYT
 PROBE_EXAMPLES = 1000
 
 
-def encoder_features(model, params, arrays: dict[str, np.ndarray], batch_size: int = 128) -> np.ndarray:
-  """The representation the classification head reads: BERT's pooled output, or the first
-  token's hidden state for models without a pooler."""
+@functools.lru_cache
+def _jitted_encoder(config):
+  """One compiled encoder per config, shared by every (encoder, task) pair of the probe."""
   import jax
 
   from childtuning_jax.models.encoder import EncoderModel
 
-  encoder = EncoderModel(model.config)
-  apply = jax.jit(lambda p, ids, mask, types: encoder.apply(
+  encoder = EncoderModel(config)
+  return jax.jit(lambda p, ids, mask, types: encoder.apply(
       {"params": p}, ids, mask, types, deterministic=True))
+
+
+def encoder_features(model, params, arrays: dict[str, np.ndarray], batch_size: int = 128) -> np.ndarray:
+  """The representation the classification head reads: BERT's pooled output, or the first
+  token's hidden state for models without a pooler."""
+  apply = _jitted_encoder(model.config)
   outputs = []
   for start in range(0, len(arrays["input_ids"]), batch_size):
     batch = [arrays[k][start:start + batch_size] for k in ("input_ids", "attention_mask",
