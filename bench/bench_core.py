@@ -13,6 +13,7 @@ Run: python bench/bench_core.py            (about 20 minutes on 2 CPU cores)
 """
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -21,13 +22,14 @@ import sys
 import time
 from pathlib import Path
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
 from childtuning_jax import child_tuning_driven, child_tuning_free, estimate_fisher
-from childtuning_jax.models import EncoderConfig, EncoderForSequenceClassification
+from childtuning_jax.models import EncoderConfig, EncoderForSequenceClassification, encoder
 
 ROOT = Path(__file__).resolve().parent.parent
 BATCH, SEQ_LEN, RESERVE_P = 32, 128, 0.3
@@ -80,7 +82,7 @@ def naive_child_tuning_free(reserve_p):
 
 def packed_child_tuning_free(reserve_p):
   """A rejected design: 16 bits per decision, four decisions unpacked from each hash."""
-  from childtuning_jax.transforms import _linear_index, _threefry2x32
+  from childtuning_jax._random import linear_index as _linear_index, threefry2x32 as _threefry2x32
 
   threshold = jnp.uint16(round(reserve_p * 2**16))
 
@@ -175,7 +177,7 @@ def bench_threefry(reps):
   """The unrolled Threefry of the CT-F masks vs JAX's threefry2x32 primitive, same outputs."""
   from jax.extend.random import threefry2x32_p
 
-  from childtuning_jax.transforms import _threefry2x32
+  from childtuning_jax._random import threefry2x32 as _threefry2x32
 
   counters = jnp.arange(5_600_000, dtype=jnp.uint32)  # one per 4 entries of MiniLM-L6
   k1, k2 = jnp.uint32(1), jnp.uint32(2)
@@ -192,6 +194,70 @@ def make_train_step(model, tx):
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss
   return jax.jit(step)
+
+
+@contextlib.contextmanager
+def patched(module, **attributes):
+  """Temporarily replaces attributes of ``module`` (read when a step is traced)."""
+  saved = {name: getattr(module, name) for name in attributes}
+  for name, value in attributes.items():
+    setattr(module, name, value)
+  try:
+    yield
+  finally:
+    for name, value in saved.items():
+      setattr(module, name, value)
+
+
+class HeadsFirstSelfAttention(nn.Module):
+  """``encoder.SelfAttention`` with queries, keys and values transposed to
+  [batch, heads, length, head_dim] before the two attention matmuls."""
+
+  config: EncoderConfig
+
+  @nn.compact
+  def __call__(self, x, attention_bias, deterministic):
+    c = self.config
+    heads, head_dim = c.num_attention_heads, c.hidden_size // c.num_attention_heads
+    dense = lambda name: nn.Dense(c.hidden_size, name=name)(x)
+    split = lambda t: t.reshape(t.shape[:-1] + (heads, head_dim)).transpose(0, 2, 1, 3)
+    q, k, v = split(dense("query")), split(dense("key")), split(dense("value"))
+    scores = jnp.einsum("bhqd,bhkd->bhqk", q, k) / jnp.sqrt(head_dim).astype(q.dtype)
+    probs = encoder.Dropout(c.attention_probs_dropout_prob)(
+        jax.nn.softmax(scores + attention_bias, axis=-1), deterministic)
+    context = jnp.einsum("bhqk,bhkd->bhqd", probs, v).transpose(0, 2, 1, 3)
+    return context.reshape(context.shape[:2] + (c.hidden_size,))
+
+
+class NoDropout(nn.Module):
+  rate: float
+
+  def __call__(self, x, deterministic):
+    return x
+
+
+def bench_step_variants(config, reps):
+  """Where a vanilla training step's time goes: the step with one piece changed at a time."""
+  model, params = init_params(config)
+  batch = jax.device_put(fake_batch(config))
+  tx = train_transforms(params)["vanilla"]
+  tanh_gelu = dict(encoder._ACTIVATIONS, gelu=lambda x: nn.gelu(x, approximate=True))
+  variants = {
+      "library step (hash dropout)": ({}, jax.random.key(1)),
+      "flax nn.Dropout": ({"Dropout": nn.Dropout}, jax.random.key(1)),
+      "flax nn.Dropout, rbg keys": ({"Dropout": nn.Dropout}, jax.random.key(1, impl="rbg")),
+      "no dropout (bound)": ({"Dropout": NoDropout}, jax.random.key(1)),
+      "heads-first attention layout": ({"SelfAttention": HeadsFirstSelfAttention}, jax.random.key(1)),
+      "tanh GELU instead of erf (bound)": ({"_ACTIVATIONS": tanh_gelu}, jax.random.key(1)),
+  }
+  fns = {}
+  for name, (attributes, key) in variants.items():
+    with patched(encoder, **attributes):
+      step, state = make_train_step(model, tx), tx.init(params)
+      fn = lambda step=step, state=state, key=key: step(params, state, batch, key)
+      jax.block_until_ready(fn())  # traced and compiled with the replacement in place
+    fns[name] = fn
+  return alternating_medians(fns, reps)
 
 
 def train_transforms(params):
@@ -311,8 +377,12 @@ def render(results):
                      ("Optimizer update alone, BERT-base tree (109M parameters)", "update_bert_base"),
                      (f"Full training step, MiniLM-L6-sized BERT classifier, batch {BATCH} × {SEQ_LEN} tokens, "
                       "dropout on, clip 1.0", "train_step"),
+                     ("Where a vanilla step's time goes: the same step with one piece replaced",
+                      "step_variants"),
                      (f"Fisher information over {BATCH} examples × {SEQ_LEN} tokens, MiniLM-L6-sized BERT "
                       "classifier", "fisher")):
+    if key not in results:  # a results file from before the section existed
+      continue
     lines += [f"### {title}", "", "| variant | median | ratio | 95% interval of the ratio |",
               "| --- | ---: | ---: | ---: |"]
     lines += [f"| {name} | {r['median_s'] * 1e3:.1f} ms | {r['ratio']:.3f}× | "
@@ -369,6 +439,7 @@ def main():
                   ("update_minilm", lambda: bench_update(MINILM_L6, reps)),
                   ("update_bert_base", lambda: bench_update(BERT_BASE, reps)),
                   ("train_step", lambda: bench_train_step(MINILM_L6, reps)),
+                  ("step_variants", lambda: bench_step_variants(MINILM_L6, max(3, reps // 2))),
                   ("fisher", lambda: bench_fisher(MINILM_L6, max(3, reps // 2))),
                   ("peak_memory_mib", peak_memory)):
     if args.only and key not in args.only.split(","):

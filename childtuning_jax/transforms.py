@@ -20,15 +20,9 @@ from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
-from jax import lax
 
-from childtuning_jax import _trees
-
-# CT-F keeps an entry when 32 random bits fall below round(p * 2**32): the keep
-# probability is within 2**-33 of reserve_p.
-_RANDOM_LEVELS = 1 << 32
+from childtuning_jax import _random, _trees
 
 
 class ChildTuningFreeState(NamedTuple):
@@ -41,54 +35,6 @@ class ChildTuningDrivenState(NamedTuple):
   """State of :func:`child_tuning_driven`: the fixed child-network mask."""
 
   mask: Any
-
-
-def _linear_index(shape: tuple[int, ...]) -> jax.Array:
-  """Row-major position of every element, built from iotas so it stays sharded."""
-  index = jnp.zeros(shape, jnp.uint32)
-  stride = 1
-  for axis in reversed(range(len(shape))):
-    index = index + lax.broadcasted_iota(jnp.uint32, shape, axis) * jnp.uint32(stride)
-    stride *= shape[axis]
-  return index
-
-
-# Threefry-2x32 rotation constants (Salmon et al., 2011), as in jax.random.
-_THREEFRY_ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
-
-
-def _threefry2x32(k1: jax.Array, k2: jax.Array, x1: jax.Array, x2: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Threefry-2x32 with 20 rounds, bit-identical to ``jax.extend.random.threefry2x32_p``.
-
-  Written out round by round so that XLA fuses it into one elementwise loop
-  with the mask's consumer; on CPU the primitive's lowering runs several
-  passes over memory (see BENCHMARKS.md).
-  """
-  ks = (k1, k2, k1 ^ k2 ^ jnp.uint32(0x1BD11BDA))
-  x1, x2 = x1 + ks[0], x2 + ks[1]
-  for i in range(5):
-    for r in _THREEFRY_ROTATIONS[i % 2]:
-      x1 = x1 + x2
-      x2 = x1 ^ ((x2 << jnp.uint32(r)) | (x2 >> jnp.uint32(32 - r)))
-    x1 = x1 + ks[(i + 1) % 3]
-    x2 = x2 + ks[(i + 2) % 3] + jnp.uint32(i + 1)
-  return x1, x2
-
-
-def _random_uint32(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-  """Uniform 32-bit integers of ``shape``: Threefry-2x32 of each entry's position.
-
-  A pure function of (key, position) built from iotas and elementwise ops, so
-  XLA fuses it into the loop that consumes it (no random bits are written to
-  memory), and under ``jit`` with sharded updates every device draws the bits
-  of its own shard, the same bits whatever the sharding.
-  """
-  if np.prod(shape, dtype=np.int64) > 2**32:
-    raise ValueError(f"a leaf of shape {shape} has more entries than a 32-bit counter can number.")
-  k1, k2 = jax.random.bits(key, (2,), jnp.uint32)
-  counter = _linear_index(shape)
-  bits, _ = _threefry2x32(k1, k2, counter, jnp.zeros_like(counter))
-  return bits
 
 
 def child_tuning_free(reserve_p: float, key: jax.Array | int = 0) -> optax.GradientTransformation:
@@ -137,9 +83,7 @@ def child_tuning_free(reserve_p: float, key: jax.Array | int = 0) -> optax.Gradi
     Generalizable Fine-tuning", EMNLP 2021, Eq. 3-5 and Algorithm 1.
   """
   reserve_p = _trees.check_reserve_p(reserve_p)
-  threshold = min(round(reserve_p * _RANDOM_LEVELS), _RANDOM_LEVELS - 1)
-  if threshold == 0:
-    raise ValueError(f"reserve_p={reserve_p} is below the mask's resolution of 2**-32.")
+  threshold = _random.keep_threshold(reserve_p, "reserve_p")
   canonical_key = _trees.canonicalize_key(key)
 
   def init_fn(params):
@@ -154,7 +98,7 @@ def child_tuning_free(reserve_p: float, key: jax.Array | int = 0) -> optax.Gradi
 
     def mask_leaf(leaf_key, update):
       # Eq. 4-5: M ~ Bernoulli(p), g <- g * M / p.
-      keep = _random_uint32(leaf_key, update.shape) < jnp.uint32(threshold)
+      keep = _random.random_uint32(leaf_key, update.shape) < jnp.uint32(threshold)
       scale = jnp.asarray(1.0 / reserve_p, update.dtype)
       return jnp.where(keep, update * scale, jnp.zeros((), update.dtype))
 

@@ -129,6 +129,62 @@ def test_dropout_needs_rng_and_is_reproducible(tmp_path):
   assert not np.allclose(run(0), clean) and not np.allclose(run(0), run(1))
 
 
+def test_hash_dropout_keeps_one_minus_rate_independently_and_rescales():
+  from childtuning_jax.models.encoder import Dropout
+
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(64, 12, 128)), jnp.float32)
+  apply = lambda seed, rate=0.1: Dropout(rate).apply({}, x, deterministic=False,
+                                                     rngs={"dropout": jax.random.key(seed)})
+  y = np.asarray(apply(0))
+  kept = y != 0
+  n = kept.size
+  assert abs(kept.mean() - 0.9) < 4 * np.sqrt(0.09 / n)
+  np.testing.assert_allclose(y[kept], np.asarray(x)[kept] / np.float32(0.9), rtol=1e-6)
+  # No structure along any axis: per-slice keep counts spread like independent draws,
+  # and neighbouring decisions are uncorrelated.
+  for axis in range(3):
+    per_slice = kept.mean(axis=tuple(a for a in range(3) if a != axis))
+    size = n // kept.shape[axis]
+    assert per_slice.std() < 2 * np.sqrt(0.09 / size) + 1e-3
+  for axis in range(3):
+    a, b = np.moveaxis(kept, axis, 0)[:-1].ravel(), np.moveaxis(kept, axis, 0)[1:].ravel()
+    assert abs(np.corrcoef(a, b)[0, 1]) < 4 / np.sqrt(a.size)
+  np.testing.assert_array_equal(apply(0), y)
+  assert not np.array_equal(apply(1), y)
+  np.testing.assert_array_equal(Dropout(0.1).apply({}, x, deterministic=True), x)
+  np.testing.assert_array_equal(apply(0, rate=1.0), np.zeros_like(x))
+  np.testing.assert_array_equal(apply(0, rate=0.0), x)
+
+
+def test_one_dropout_module_called_twice_draws_two_masks():
+  # RoBERTa's head applies its dropout module twice; nn.Dropout draws a new mask per call.
+  import flax.linen as nn
+
+  from childtuning_jax.models.encoder import Dropout
+
+  class Twice(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      dropout = Dropout(0.5)
+      return dropout(x, False), dropout(x, False)
+
+  first, second = Twice().apply({}, jnp.ones((4096,)), rngs={"dropout": jax.random.key(0)})
+  assert not np.array_equal(first, second)
+
+
+def test_random_bits_past_two_to_the_32_entries_use_the_second_counter_word(monkeypatch):
+  from childtuning_jax import _random
+
+  key = jax.random.key(3)
+  small = np.asarray(_random.random_uint32(key, (4, 30)))
+  monkeypatch.setattr(_random, "RANDOM_LEVELS", 64)  # pretend 120 entries overflow a counter
+  wide = np.asarray(_random.random_uint32(key, (4, 30)))
+  np.testing.assert_array_equal(wide[0], small[0, :30])  # row 0: same counters, high word 0
+  assert len(set(wide.ravel().tolist())) == 120  # rows differ through the high word
+  with pytest.raises(ValueError, match="too large"):
+    _random.random_uint32(key, (200,))
+
+
 def test_missing_files_and_offline_hub_name_give_clear_errors(tmp_path):
   with pytest.raises(FileNotFoundError, match="config.json"):
     load_pretrained(tmp_path)

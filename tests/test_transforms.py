@@ -41,7 +41,7 @@ def _update(tx, updates, state=None, params=None):
 
 def test_unrolled_threefry_is_bit_identical_to_jax_primitive():
   from jax.extend.random import threefry2x32_p
-  from childtuning_jax.transforms import _threefry2x32
+  from childtuning_jax._random import threefry2x32 as _threefry2x32
 
   rng = np.random.default_rng(0)
   k1, k2 = (jnp.uint32(v) for v in rng.integers(0, 2**32, 2))

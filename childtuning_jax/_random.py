@@ -1,0 +1,83 @@
+"""Counter-based random bits that XLA fuses into the loop that consumes them.
+
+``jax.random.bernoulli`` writes its random bits to memory and, on CPU, the
+``threefry2x32`` primitive's lowering makes several passes over them. Here a
+keep decision is Threefry-2x32 (written out round by round) of the entry's
+position, compared with a threshold: iotas and elementwise ops only, so the
+hash runs inside the consumer's loop (CT-F's masked AdamW update, a dropout's
+multiply), and under ``jit`` with sharded arrays every device draws the bits
+of its own shard with no collective, the same bits whatever the sharding.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+# A decision keeps an entry when 32 random bits fall below round(p * 2**32):
+# the keep probability is within 2**-33 of p.
+RANDOM_LEVELS = 1 << 32
+
+# Threefry-2x32 rotation constants (Salmon et al., 2011), as in jax.random.
+_THREEFRY_ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
+
+
+def linear_index(shape: tuple[int, ...]) -> jax.Array:
+  """Row-major position of every element (uint32), built from iotas so it stays sharded."""
+  index = jnp.zeros(shape, jnp.uint32)
+  stride = 1
+  for axis in reversed(range(len(shape))):
+    index = index + lax.broadcasted_iota(jnp.uint32, shape, axis) * jnp.uint32(stride)
+    stride *= shape[axis]
+  return index
+
+
+def threefry2x32(k1: jax.Array, k2: jax.Array, x1: jax.Array, x2: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Threefry-2x32 with 20 rounds, bit-identical to ``jax.extend.random.threefry2x32_p``.
+
+  Written out round by round so that XLA fuses it into one elementwise loop
+  with its consumer; on CPU the primitive's lowering runs several passes over
+  memory (see BENCHMARKS.md).
+  """
+  ks = (k1, k2, k1 ^ k2 ^ jnp.uint32(0x1BD11BDA))
+  x1, x2 = x1 + ks[0], x2 + ks[1]
+  for i in range(5):
+    for r in _THREEFRY_ROTATIONS[i % 2]:
+      x1 = x1 + x2
+      x2 = x1 ^ ((x2 << jnp.uint32(r)) | (x2 >> jnp.uint32(32 - r)))
+    x1 = x1 + ks[(i + 1) % 3]
+    x2 = x2 + ks[(i + 2) % 3] + jnp.uint32(i + 1)
+  return x1, x2
+
+
+def random_uint32(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+  """Uniform 32-bit integers of ``shape``: Threefry-2x32 of each entry's position.
+
+  The first counter word numbers the entries; past 2**32 entries it numbers them
+  within the leading axis and the second word holds the leading index.
+  """
+  k1, k2 = jax.random.bits(key, (2,), jnp.uint32)
+  if np.prod(shape, dtype=np.int64) <= RANDOM_LEVELS:
+    counter, high = linear_index(shape), jnp.zeros(shape, jnp.uint32)
+  elif len(shape) > 1 and np.prod(shape[1:], dtype=np.int64) <= RANDOM_LEVELS:
+    counter = jnp.broadcast_to(linear_index(shape[1:]), shape)
+    high = lax.broadcasted_iota(jnp.uint32, shape, 0)
+  else:
+    raise ValueError(f"an array of shape {shape} is too large to number with two 32-bit counters.")
+  bits, _ = threefry2x32(k1, k2, counter, high)
+  return bits
+
+
+def keep_threshold(p: float, what: str) -> int:
+  """The uint32 threshold below which an entry is kept with probability ``p`` in (0, 1]."""
+  threshold = min(round(p * RANDOM_LEVELS), RANDOM_LEVELS - 1)
+  if threshold == 0:
+    raise ValueError(f"{what}={p} is below the mask's resolution of 2**-32.")
+  return threshold
+
+
+def bernoulli(key: jax.Array, p: float, shape: tuple[int, ...], what: str = "p") -> jax.Array:
+  """Boolean keep decisions of ``shape``, each True with probability ``p`` (within 2**-33)."""
+  return random_uint32(key, shape) < jnp.uint32(keep_threshold(p, what))
