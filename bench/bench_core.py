@@ -242,21 +242,27 @@ def bench_step_variants(config, reps):
   batch = jax.device_put(fake_batch(config))
   tx = train_transforms(params)["vanilla"]
   tanh_gelu = dict(encoder._ACTIVATIONS, gelu=lambda x: nn.gelu(x, approximate=True))
+  key, rbg_key = jax.random.key(1), jax.random.key(1, impl="rbg")
+  ynn_eltwise = "LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_ELTWISE"
+  # name: (encoder attributes replaced while tracing, dropout key, XLA compiler options)
   variants = {
-      "library step (hash dropout)": ({}, jax.random.key(1)),
-      "flax nn.Dropout": ({"Dropout": nn.Dropout}, jax.random.key(1)),
-      "flax nn.Dropout, rbg keys": ({"Dropout": nn.Dropout}, jax.random.key(1, impl="rbg")),
-      "no dropout (bound)": ({"Dropout": NoDropout}, jax.random.key(1)),
-      "heads-first attention layout": ({"SelfAttention": HeadsFirstSelfAttention}, jax.random.key(1)),
-      "tanh GELU instead of erf (bound)": ({"_ACTIVATIONS": tanh_gelu}, jax.random.key(1)),
+      "library step (hash dropout)": ({}, key, {}),
+      "flax nn.Dropout": ({"Dropout": nn.Dropout}, key, {}),
+      "flax nn.Dropout, rbg keys": ({"Dropout": nn.Dropout}, rbg_key, {}),
+      "no dropout (bound)": ({"Dropout": NoDropout}, key, {}),
+      "heads-first attention layout": ({"SelfAttention": HeadsFirstSelfAttention}, key, {}),
+      "tanh GELU instead of erf (bound)": ({"_ACTIVATIONS": tanh_gelu}, key, {}),
+      "XLA: oneDNN": ({}, key, {"xla_cpu_use_onednn": True}),
+      "XLA: YNNPACK fuses elementwise ops too": ({}, key, {"xla_cpu_experimental_ynn_fusion_type": ynn_eltwise}),
+      "XLA: fast math (bound; changes numerics)": ({}, key, {"xla_cpu_enable_fast_math": True}),
   }
   fns = {}
-  for name, (attributes, key) in variants.items():
-    with patched(encoder, **attributes):
-      step, state = make_train_step(model, tx), tx.init(params)
-      fn = lambda step=step, state=state, key=key: step(params, state, batch, key)
-      jax.block_until_ready(fn())  # traced and compiled with the replacement in place
-    fns[name] = fn
+  state = tx.init(params)
+  for name, (attributes, key, options) in variants.items():
+    with patched(encoder, **attributes):  # traced and compiled with the replacement in place
+      step = make_train_step(model, tx).lower(params, state, batch, key).compile(
+          compiler_options=options or None)
+    fns[name] = lambda step=step, key=key: step(params, state, batch, key)
   return alternating_medians(fns, reps)
 
 
@@ -351,7 +357,7 @@ def merge_rerun(out, results, only):
   previous = json.loads(out.read_text())
   rerun = {key: results[key] for key in only.split(",")}
   return {**previous, **rerun,
-          "command": previous["command"] + f"; sections {only} rerun with --only",
+          "command": previous["command"] + f"; then {results['command']} --only {only}",
           "wall_minutes": previous["wall_minutes"] + results["wall_minutes"]}
 
 
@@ -426,15 +432,17 @@ def main():
   parser.add_argument("--quick", action="store_true", help="few repetitions; print only")
   parser.add_argument("--only", help="comma-separated sections to rerun (e.g. "
                       "fisher,peak_memory_mib), merged into the last full run's results")
+  parser.add_argument("--reps", type=int, help="repetitions (default 20; 3 with --quick)")
   parser.add_argument("--workload", help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.workload:
     print(run_workload(args.workload))
     return
-  reps = 3 if args.quick else 20
+  reps = args.reps or (3 if args.quick else 20)
   start = time.time()
   results = {"machine": machine(),
-             "command": "python bench/bench_core.py" + (" --quick" if args.quick else "")}
+             "command": "python bench/bench_core.py" + (" --quick" if args.quick else "")
+             + (f" --reps {args.reps}" if args.reps else "")}
   for key, fn in (("threefry", lambda: bench_threefry(reps)),
                   ("update_minilm", lambda: bench_update(MINILM_L6, reps)),
                   ("update_bert_base", lambda: bench_update(BERT_BASE, reps)),

@@ -101,8 +101,8 @@ def render(results):
   for name, _ in GROUPS:
     v = total_of(vanilla, name)
     f = total_of(free, name)
-    lines.append(f"| {name} | {vanilla.get(name + '|forward', 0) * 1e3:.0f} | "
-                 f"{vanilla.get(name + '|backward', 0) * 1e3:.0f} | {v / vanilla_sum:.1%} | "
+    phase = lambda p: f"{vanilla[f'{name}|{p}'] * 1e3:.0f}" if f"{name}|{p}" in vanilla else "–"
+    lines.append(f"| {name} | {phase('forward')} | {phase('backward')} | {v / vanilla_sum:.1%} | "
                  f"{f * 1e3:.0f} | {f / free_sum:.1%} |")
   lines += [f"| all groups | | | {vanilla_sum * 1e3:.0f} ms | {free_sum * 1e3:.0f} ms | |", "",
             f"Wall time per step while profiled: vanilla {results['vanilla']['wall_s'] * 1e3:.0f} ms, "
