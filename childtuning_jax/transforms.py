@@ -83,7 +83,7 @@ def child_tuning_free(reserve_p: float, key: jax.Array | int = 0) -> optax.Gradi
     Generalizable Fine-tuning", EMNLP 2021, Eq. 3-5 and Algorithm 1.
   """
   reserve_p = _trees.check_reserve_p(reserve_p)
-  threshold = _random.keep_threshold(reserve_p, "reserve_p")
+  _random.keep_threshold(reserve_p, "reserve_p")  # a reserve_p below 2**-32 fails here, not in jit
   canonical_key = _trees.canonicalize_key(key)
 
   def init_fn(params):
@@ -98,7 +98,7 @@ def child_tuning_free(reserve_p: float, key: jax.Array | int = 0) -> optax.Gradi
 
     def mask_leaf(leaf_key, update):
       # Eq. 4-5: M ~ Bernoulli(p), g <- g * M / p.
-      keep = _random.random_uint32(leaf_key, update.shape) < jnp.uint32(threshold)
+      keep = _random.bernoulli(leaf_key, reserve_p, update.shape, "reserve_p")
       scale = jnp.asarray(1.0 / reserve_p, update.dtype)
       return jnp.where(keep, update * scale, jnp.zeros((), update.dtype))
 
