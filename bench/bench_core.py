@@ -17,6 +17,7 @@ import contextlib
 import json
 import os
 import platform
+import resource
 import subprocess
 import sys
 import time
@@ -29,6 +30,7 @@ import numpy as np
 import optax
 
 from childtuning_jax import child_tuning_driven, child_tuning_free, estimate_fisher
+from childtuning_jax.cpu import MALLOC_ENV, restart_keeping_freed_memory
 from childtuning_jax.models import EncoderConfig, EncoderForSequenceClassification, encoder
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -242,6 +244,7 @@ def bench_step_variants(config, reps):
   batch = jax.device_put(fake_batch(config))
   tx = train_transforms(params)["vanilla"]
   tanh_gelu = dict(encoder._ACTIVATIONS, gelu=lambda x: nn.gelu(x, approximate=True))
+  erfc_gelu = dict(encoder._ACTIVATIONS, gelu=lambda x: nn.gelu(x, approximate=False))
   key, rbg_key = jax.random.key(1), jax.random.key(1, impl="rbg")
   ynn_eltwise = "LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_ELTWISE"
   # name: (encoder attributes replaced while tracing, dropout key, XLA compiler options)
@@ -251,6 +254,7 @@ def bench_step_variants(config, reps):
       "flax nn.Dropout, rbg keys": ({"Dropout": nn.Dropout}, rbg_key, {}),
       "no dropout (bound)": ({"Dropout": NoDropout}, key, {}),
       "heads-first attention layout": ({"SelfAttention": HeadsFirstSelfAttention}, key, {}),
+      "jax.nn.gelu (erfc form; the GELU before)": ({"_ACTIVATIONS": erfc_gelu}, key, {}),
       "tanh GELU instead of erf (bound)": ({"_ACTIVATIONS": tanh_gelu}, key, {}),
       "XLA: oneDNN": ({}, key, {"xla_cpu_use_onednn": True}),
       "XLA: YNNPACK fuses elementwise ops too": ({}, key, {"xla_cpu_experimental_ynn_fusion_type": ynn_eltwise}),
@@ -308,10 +312,28 @@ def bench_fisher(config, reps):
   return alternating_medians(fns, reps)
 
 
+# glibc malloc settings of the host-memory workloads: {name: environment variables}.
+HOST_MEMORY_SETTINGS = {"glibc's defaults": {}, "childtuning_jax.cpu.MALLOC_ENV": MALLOC_ENV}
+
+
 def run_workload(name):
-  """Runs one workload twice in this process and returns its peak RSS in MiB."""
+  """Runs one workload in this process. Peak-memory workloads run twice and return the
+  peak RSS in MiB; a host-memory workload returns the vanilla step's median time and
+  minor page faults per step."""
   model, params = init_params(MINILM_L6)
   batch = fake_batch(MINILM_L6)
+  if name in HOST_MEMORY_SETTINGS:
+    tx = train_transforms(params)["vanilla"]
+    step, state, key = make_train_step(model, tx), tx.init(params), jax.random.key(1)
+    batch = jax.device_put(batch)
+    times, faults = [], []
+    for i in range(7):  # two warm-up steps, then five
+      before, start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.perf_counter()
+      jax.block_until_ready(step(params, state, batch, key))
+      if i >= 2:
+        times.append(time.perf_counter() - start)
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    return json.dumps({"median_s": float(np.median(times)), "page_faults": float(np.median(faults))})
   if name == "train step (CT-F)":
     tx = train_transforms(params)["CT-F"]
     step, state = make_train_step(model, tx), tx.init(params)
@@ -347,6 +369,22 @@ def peak_memory_of(script, workloads):
 
 def peak_memory():
   return peak_memory_of(__file__, ("train step (CT-F)", "per-example Fisher"))
+
+
+def host_memory(reps):
+  """The vanilla step in fresh processes, with glibc's defaults and with ``MALLOC_ENV``,
+  alternating; {setting: {"median_s", "page_faults", "ratio", "ratio_95ci"}}."""
+  runs = {name: [] for name in HOST_MEMORY_SETTINGS}
+  plain = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+  for _ in range(reps):
+    for name, env in HOST_MEMORY_SETTINGS.items():
+      out = subprocess.run([sys.executable, __file__, "--workload", name], check=True,
+                           capture_output=True, text=True, env={**plain, **env}).stdout
+      runs[name].append(json.loads(out.strip().splitlines()[-1]))
+  base = [r["median_s"] for r in runs[next(iter(HOST_MEMORY_SETTINGS))]]
+  return {name: {**paired_ratio([r["median_s"] for r in rs], base),
+                 "page_faults": float(np.median([r["page_faults"] for r in rs]))}
+          for name, rs in runs.items()}
 
 
 def merge_rerun(out, results, only):
@@ -406,6 +444,17 @@ def render(results):
       per_example = results[key]["per-example Fisher"]["median_s"] / BATCH
       lines += ["", f"Per-example Fisher: {per_example * 1e3:.1f} ms per example."]
     lines.append("")
+  if "host_memory" in results:
+    lines += ["### Host memory: the vanilla step in a fresh process, with glibc's malloc "
+              "defaults and with `childtuning_jax.cpu.MALLOC_ENV`", "",
+              "| glibc malloc | median step | minor page faults per step | ratio | 95% interval |",
+              "| --- | ---: | ---: | ---: | ---: |"]
+    lines += [f"| {name} | {r['median_s'] * 1e3:.0f} ms | {r['page_faults']:,.0f} | {r['ratio']:.3f}× | "
+              f"{r['ratio_95ci'][0]:.3f}–{r['ratio_95ci'][1]:.3f} |"
+              for name, r in results["host_memory"].items()]
+    lines += ["", "Three processes per setting, alternating; each time is the median of five steps "
+              "after two warm-up steps. The other tables of this section were measured with "
+              "`MALLOC_ENV` (the script restarts itself with it).", ""]
   mem = results["peak_memory_mib"]
   lines += ["### Peak memory (resident set of a process running only that workload, MiniLM-L6)", "",
             "| workload | peak RSS | ratio |", "| --- | ---: | ---: |"]
@@ -435,6 +484,8 @@ def main():
   parser.add_argument("--reps", type=int, help="repetitions (default 20; 3 with --quick)")
   parser.add_argument("--workload", help=argparse.SUPPRESS)
   args = parser.parse_args()
+  if not args.workload:  # workloads run in the environment their parent gives them
+    restart_keeping_freed_memory()  # before JAX runs anything; see childtuning_jax/cpu.py
   if args.workload:
     print(run_workload(args.workload))
     return
@@ -449,7 +500,8 @@ def main():
                   ("train_step", lambda: bench_train_step(MINILM_L6, reps)),
                   ("step_variants", lambda: bench_step_variants(MINILM_L6, max(3, reps // 2))),
                   ("fisher", lambda: bench_fisher(MINILM_L6, max(3, reps // 2))),
-                  ("peak_memory_mib", peak_memory)):
+                  ("peak_memory_mib", peak_memory),
+                  ("host_memory", lambda: host_memory(3))):
     if args.only and key not in args.only.split(","):
       continue
     results[key] = fn()

@@ -43,6 +43,7 @@ import torch.nn.functional as F  # noqa: E402
 from bench_core import (alternating_times, machine, merge_rerun, paired_ratio,  # noqa: E402
                         peak_memory_of, peak_rss_mib, update_benchmarks_md)
 from childtuning_jax import estimate_fisher  # noqa: E402
+from childtuning_jax.cpu import restart_keeping_freed_memory  # noqa: E402
 from childtuning_jax.models import embedded_model_path, load_pretrained  # noqa: E402
 from train import trainer  # noqa: E402
 from train.arguments import TrainingArguments  # noqa: E402
@@ -343,6 +344,7 @@ def main():
                       "fisher, peak_memory_mib), merged into the last full run's results")
   parser.add_argument("--workload", help=argparse.SUPPRESS)
   args = parser.parse_args()
+  restart_keeping_freed_memory()  # before JAX runs anything (childtuning_jax/cpu.py)
   torch.set_num_threads(os.cpu_count())
   if args.workload:
     print(run_workload(args.workload))

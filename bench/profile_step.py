@@ -27,6 +27,8 @@ from pathlib import Path  # noqa: E402
 
 import jax  # noqa: E402
 
+from childtuning_jax.cpu import restart_keeping_freed_memory  # noqa: E402
+
 from bench_core import (BATCH, MINILM_L6, SEQ_LEN, fake_batch, init_params, machine,  # noqa: E402
                         make_train_step, train_transforms, update_benchmarks_md)
 
@@ -114,6 +116,7 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   parser.add_argument("--quick", action="store_true", help="one profiled step; print only")
   args = parser.parse_args()
+  restart_keeping_freed_memory()  # before JAX runs anything (childtuning_jax/cpu.py)
   steps = 1 if args.quick else 5
   results = {"machine": machine(), "command": "python bench/profile_step.py" + (" --quick" if args.quick else "")}
   for mode in ("vanilla", "CT-F"):

@@ -17,6 +17,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as `python train/run_glue.py`
   sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from childtuning_jax.cpu import restart_keeping_freed_memory  # noqa: E402
 from train import arguments, trainer  # noqa: E402
 
 
@@ -32,4 +33,7 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
+  # Restarts this command with glibc malloc settings under which, on CPU, every step reuses
+  # XLA's temporaries instead of page-faulting them in afresh (childtuning_jax/cpu.py).
+  restart_keeping_freed_memory()
   main()

@@ -24,8 +24,18 @@ import jax.numpy as jnp
 
 from childtuning_jax import _random
 
+
+
+def _gelu(x):
+  """Exact GELU in PyTorch's form, x/2 · (1 + erf(x/√2)). ``jax.nn.gelu``'s erfc form
+  is more accurate far in the negative tail, where GELU is below 1e-6, but its
+  derivative costs more: a training step on CPU is faster with this one
+  (BENCHMARKS.md, step variants)."""
+  return 0.5 * x * (1.0 + jax.lax.erf(x * 0.7071067811865476))
+
+
 _ACTIVATIONS = {
-    "gelu": lambda x: nn.gelu(x, approximate=False),
+    "gelu": _gelu,
     "gelu_new": lambda x: nn.gelu(x, approximate=True),
     "gelu_pytorch_tanh": lambda x: nn.gelu(x, approximate=True),
     "relu": nn.relu,
