@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from childtuning_jax import child_tuning_driven, child_tuning_free, estimate_fisher
+from childtuning_jax import _random, child_tuning_driven, child_tuning_free, estimate_fisher
 from childtuning_jax.cpu import MALLOC_ENV, restart_keeping_freed_memory
 from childtuning_jax.models import EncoderConfig, EncoderForSequenceClassification, encoder
 
@@ -231,6 +231,53 @@ class TokensFirstSelfAttention(nn.Module):
     return context.reshape(context.shape[:2] + (c.hidden_size,))
 
 
+class FusedQKVSelfAttention(nn.Module):
+  """``encoder.SelfAttention`` with the query, key and value projections as one matmul
+  (their kernels concatenated in the step; the parameters stay three Dense layers)."""
+
+  config: EncoderConfig
+
+  @nn.compact
+  def __call__(self, x, attention_bias, deterministic):
+    c = self.config
+    heads, head_dim = c.num_attention_heads, c.hidden_size // c.num_attention_heads
+    kernels, biases = zip(*(DenseParams(x.shape[-1], c.hidden_size, name=name)()
+                            for name in ("query", "key", "value")))
+    qkv = x @ jnp.concatenate(kernels, axis=1) + jnp.concatenate(biases)
+    split = lambda t: t.reshape(t.shape[:-1] + (heads, head_dim)).transpose(0, 2, 1, 3)
+    q, k, v = (split(t) for t in jnp.split(qkv, 3, axis=-1))
+    scores = jnp.einsum("bhqd,bhkd->bhqk", q, k) / jnp.sqrt(head_dim).astype(q.dtype)
+    probs = encoder.Dropout(c.attention_probs_dropout_prob)(
+        jax.nn.softmax(scores + attention_bias, axis=-1), deterministic)
+    context = jnp.einsum("bhqk,bhkd->bhqd", probs, v).transpose(0, 2, 1, 3)
+    return context.reshape(context.shape[:2] + (c.hidden_size,))
+
+
+class DenseParams(nn.Module):
+  """The parameters of an ``nn.Dense`` (same names, shapes and initialisers), returned."""
+
+  in_features: int
+  features: int
+
+  @nn.compact
+  def __call__(self):
+    return (self.param("kernel", nn.initializers.lecun_normal(), (self.in_features, self.features)),
+            self.param("bias", nn.initializers.zeros, (self.features,)))
+
+
+class StoredMaskDropout(encoder.Dropout):
+  """``encoder.Dropout`` with its keep decisions written to memory in the forward pass
+  (an optimization barrier), so the backward pass reads them instead of hashing again."""
+
+  @nn.compact
+  def __call__(self, x, deterministic: bool):
+    if deterministic or self.rate == 0.0:
+      return x
+    keep = jax.lax.optimization_barrier(
+        _random.bernoulli(self.make_rng("dropout"), 1.0 - self.rate, x.shape, "1 - rate"))
+    return jnp.where(keep, x / jnp.asarray(1.0 - self.rate, x.dtype), jnp.zeros((), x.dtype))
+
+
 class NoDropout(nn.Module):
   rate: float
 
@@ -257,6 +304,10 @@ def bench_step_variants(config, reps):
           ({"SelfAttention": TokensFirstSelfAttention}, key, {}),
       "jax.nn.gelu (erfc form; the GELU before)": ({"_ACTIVATIONS": erfc_gelu}, key, {}),
       "tanh GELU instead of erf (bound)": ({"_ACTIVATIONS": tanh_gelu}, key, {}),
+      "query, key and value as one matmul": ({"SelfAttention": FusedQKVSelfAttention}, key, {}),
+      "dropout's keep decisions stored for the backward pass":
+          ({"Dropout": StoredMaskDropout}, key, {}),
+      "XLA: Eigen instead of YNNPACK for matmuls": ({}, key, {"xla_cpu_experimental_ynn_fusion_type": ""}),
       "XLA: oneDNN": ({}, key, {"xla_cpu_use_onednn": True}),
       "XLA: YNNPACK fuses elementwise ops too": ({}, key, {"xla_cpu_experimental_ynn_fusion_type": ynn_eltwise}),
       "XLA: fast math (bound; changes numerics)": ({}, key, {"xla_cpu_enable_fast_math": True}),
