@@ -1,10 +1,11 @@
 """glibc malloc settings that make training on CPU (Linux) faster.
 
-XLA's CPU runtime allocates the temporaries of each execution as one block:
-1.4 GB for a MiniLM-L6 training step on a batch of 32 × 128 tokens. glibc
-serves a block that large with ``mmap`` and unmaps it on ``free``, so every
-step maps it again and the kernel page-faults and zero-fills all of it
-(about 400,000 page faults per step; BENCHMARKS.md measures what it costs).
+XLA's CPU runtime allocates the temporaries of each execution as one block,
+more than a gigabyte for a MiniLM-L6 training step on a batch of 32 × 128
+tokens. glibc serves a block that large with ``mmap`` and unmaps it on
+``free``, so every step maps it again and the kernel page-faults and
+zero-fills all of it (BENCHMARKS.md, *Host memory*, counts the faults and
+measures what they cost).
 
 :data:`MALLOC_ENV` tells glibc to serve every thread from one heap, never to
 use ``mmap`` for large blocks and never to give freed memory back to the

@@ -25,10 +25,9 @@ import jax.numpy as jnp
 from childtuning_jax import _random
 
 
-
 def _gelu(x):
   """Exact GELU in PyTorch's form, x/2 · (1 + erf(x/√2)). ``jax.nn.gelu``'s erfc form
-  is more accurate far in the negative tail, where GELU is below 1e-6, but its
+  is more accurate far in the negative tail, where GELU is nearly zero, but its
   derivative costs more: a training step on CPU is faster with this one
   (BENCHMARKS.md, step variants)."""
   return 0.5 * x * (1.0 + jax.lax.erf(x * 0.7071067811865476))
