@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml Makefile
 
 # The main job: Child-Tuning-D fine-tuning of the embedded pretrained MiniLM-L6 on the
 # embedded Rotten Tomatoes reviews (2,000 training examples, 64 tokens, one epoch; the
-# Fisher information from 256 of them), offline, about 4 minutes on 2 CPU cores.
+# Fisher information from 256 of them), offline, a few minutes on 2 CPU cores.
 demo: $(STAMP)
 	$(BIN)/python -m train.run_glue --output_dir runs/demo --overwrite_output_dir \
 	  --num_train_epochs 1 --fisher_num_examples 256

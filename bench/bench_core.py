@@ -6,7 +6,7 @@ Peak memory is the peak resident set size (VmHWM) of a separate process
 that runs only that workload. Writes bench/results/core_<backend>.json and the
 matching section of BENCHMARKS.md.
 
-Run: python bench/bench_core.py            (about 20 minutes on 2 CPU cores)
+Run: python bench/bench_core.py            (about half an hour on 2 CPU cores)
      python bench/bench_core.py --quick    (fewer repetitions, no BENCHMARKS.md update)
      python bench/bench_core.py --only fisher,peak_memory_mib   (rerun sections into the last
                                                                   full run's results)
@@ -254,7 +254,7 @@ class FusedQKVSelfAttention(nn.Module):
 
 
 class DenseParams(nn.Module):
-  """The parameters of an ``nn.Dense`` (same names, shapes and initialisers), returned."""
+  """The parameters of an ``nn.Dense`` (same names and shapes), returned."""
 
   in_features: int
   features: int
