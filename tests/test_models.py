@@ -237,3 +237,40 @@ def test_electra_discriminator_checkpoint_loads_the_encoder_and_reports_its_head
   assert info["unexpected_keys"] and all(k.startswith("discriminator_predictions.")
                                          for k in info["unexpected_keys"])
   assert params["electra"]["embeddings_project"]["kernel"].shape == (16, 32)
+
+
+@pytest.mark.parametrize("kind", ["bert", "roberta"])
+def test_gradients_match_pytorch_transformers(tmp_path, kind):
+  """Every parameter's gradient against PyTorch's backward pass: the encoder's matmuls have
+  a hand-written backward pass (childtuning_jax/models/matmul.py)."""
+  torch_model = _torch_model(kind, 3, seed=2)
+  torch_model.save_pretrained(tmp_path)
+  model, params = load_pretrained(tmp_path, 3)
+  ids, mask, types = _padded_batch(kind)
+  labels = np.array([0, 2, 1])
+  torch_model.zero_grad()
+  torch_model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), token_type_ids=torch.tensor(types),
+              labels=torch.tensor(labels)).loss.backward()
+  want = {name: p.grad.numpy() for name, p in torch_model.named_parameters() if p.grad is not None}
+
+  def loss(params):
+    logits = model.apply({"params": params}, jnp.asarray(ids, jnp.int32), jnp.asarray(mask, jnp.int32),
+                         jnp.asarray(types, jnp.int32), deterministic=True)
+    return -jnp.take_along_axis(jax.nn.log_softmax(logits), jnp.asarray(labels)[:, None], 1).mean()
+
+  got = jax.jit(jax.grad(loss))(params)
+  compared = 0
+  for path, g in jax.tree_util.tree_flatten_with_path(got)[0]:
+    keys = [k.key for k in path]
+    name = ".".join(keys[:-1]).replace("layer_", "layer.")
+    leaf = {"kernel": "weight", "scale": "weight", "embedding": "weight"}.get(keys[-1], keys[-1])
+    torch_name = f"{name}.{leaf}"
+    if torch_name not in want:
+      continue
+    g = np.asarray(g)
+    w = want[torch_name].T if keys[-1] == "kernel" else want[torch_name]
+    assert g.shape == w.shape, torch_name
+    np.testing.assert_allclose(g, w, atol=1e-5 + 1e-3 * np.abs(w).max(), rtol=1e-3, err_msg=torch_name)
+    compared += 1
+  # all of the encoder's dense kernels and biases, LayerNorms and embeddings
+  assert compared >= 2 * 16 + 4, compared

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from childtuning_jax import _random
+from childtuning_jax.models.matmul import dense_dot_general, matmul
 
 
 def _gelu(x):
@@ -108,7 +109,9 @@ class EncoderConfig:
 
 
 def _dense(config: EncoderConfig, features: int, name: str) -> nn.Dense:
-  return nn.Dense(features, kernel_init=nn.initializers.normal(config.initializer_range), name=name)
+  # dense_dot_general: the same product, with a backward pass that runs faster on CPU (matmul.py).
+  return nn.Dense(features, kernel_init=nn.initializers.normal(config.initializer_range), name=name,
+                  dot_general=dense_dot_general)
 
 
 def _layer_norm(config: EncoderConfig, name: str = "LayerNorm") -> nn.LayerNorm:
@@ -178,10 +181,10 @@ class SelfAttention(nn.Module):
     q = split(_dense(c, c.hidden_size, "query")(x))
     k = split(_dense(c, c.hidden_size, "key")(x))
     v = split(_dense(c, c.hidden_size, "value")(x))
-    scores = jnp.einsum("bhqd,bhkd->bhqk", q, k) / jnp.sqrt(head_dim).astype(q.dtype)
+    scores = matmul(q, k, transpose_b=True) / jnp.sqrt(head_dim).astype(q.dtype)
     probs = jax.nn.softmax(scores + attention_bias, axis=-1)
     probs = Dropout(c.attention_probs_dropout_prob)(probs, deterministic)
-    context = jnp.einsum("bhqk,bhkd->bhqd", probs, v).transpose(0, 2, 1, 3)
+    context = matmul(probs, v).transpose(0, 2, 1, 3)
     return context.reshape(context.shape[:2] + (c.hidden_size,))
 
 
