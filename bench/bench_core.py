@@ -32,6 +32,7 @@ import optax
 from childtuning_jax import _random, child_tuning_driven, child_tuning_free, estimate_fisher
 from childtuning_jax.cpu import MALLOC_ENV, restart_keeping_freed_memory
 from childtuning_jax.models import EncoderConfig, EncoderForSequenceClassification, encoder
+from childtuning_jax.models.matmul import matmul
 
 ROOT = Path(__file__).resolve().parent.parent
 BATCH, SEQ_LEN, RESERVE_P = 32, 128, 0.3
@@ -213,8 +214,7 @@ def patched(module, **attributes):
 
 class TokensFirstSelfAttention(nn.Module):
   """``encoder.SelfAttention`` with the layout it had before: the attention matmuls contract
-  queries, keys and values in their [batch, length, heads, head_dim] layout (``einsum``, so
-  these two products take JAX's own backward pass)."""
+  queries, keys and values in their [batch, length, heads, head_dim] layout."""
 
   config: EncoderConfig
 
@@ -244,13 +244,13 @@ class FusedQKVSelfAttention(nn.Module):
     heads, head_dim = c.num_attention_heads, c.hidden_size // c.num_attention_heads
     kernels, biases = zip(*(DenseParams(x.shape[-1], c.hidden_size, name=name)()
                             for name in ("query", "key", "value")))
-    qkv = encoder.matmul(x, jnp.concatenate(kernels, axis=1)) + jnp.concatenate(biases)
+    qkv = matmul(x, jnp.concatenate(kernels, axis=1)) + jnp.concatenate(biases)
     split = lambda t: t.reshape(t.shape[:-1] + (heads, head_dim)).transpose(0, 2, 1, 3)
     q, k, v = (split(t) for t in jnp.split(qkv, 3, axis=-1))
-    scores = encoder.matmul(q, k, transpose_b=True) / jnp.sqrt(head_dim).astype(q.dtype)
+    scores = jnp.einsum("bhqd,bhkd->bhqk", q, k) / jnp.sqrt(head_dim).astype(q.dtype)
     probs = encoder.Dropout(c.attention_probs_dropout_prob)(
         jax.nn.softmax(scores + attention_bias, axis=-1), deterministic)
-    context = encoder.matmul(probs, v).transpose(0, 2, 1, 3)
+    context = jnp.einsum("bhqk,bhkd->bhqd", probs, v).transpose(0, 2, 1, 3)
     return context.reshape(context.shape[:2] + (c.hidden_size,))
 
 
@@ -279,11 +279,6 @@ class StoredMaskDropout(encoder.Dropout):
     return jnp.where(keep, x / jnp.asarray(1.0 - self.rate, x.dtype), jnp.zeros((), x.dtype))
 
 
-def jax_matmul(a, b, transpose_b=False):
-  """``encoder.matmul``'s product, differentiated by JAX's own rules."""
-  return jnp.matmul(a, jnp.swapaxes(b, -1, -2) if transpose_b else b)
-
-
 class NoDropout(nn.Module):
   rate: float
 
@@ -303,9 +298,8 @@ def bench_step_variants(config, reps):
   # name: (encoder attributes replaced while tracing, dropout key, XLA compiler options)
   variants = {
       "library step (hash dropout)": ({}, key, {}),
-      "all matmuls with JAX's own backward pass (the matmuls before)":
-          ({"dense_dot_general": jax.lax.dot_general, "matmul": jax_matmul}, key, {}),
-      "attention's two matmuls with JAX's own backward pass": ({"matmul": jax_matmul}, key, {}),
+      "dense layers with JAX's own backward pass (the layers before)":
+          ({"dense_dot_general": jax.lax.dot_general}, key, {}),
       "flax nn.Dropout": ({"Dropout": nn.Dropout}, key, {}),
       "flax nn.Dropout, rbg keys": ({"Dropout": nn.Dropout}, rbg_key, {}),
       "no dropout (bound)": ({"Dropout": NoDropout}, key, {}),

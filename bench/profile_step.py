@@ -37,7 +37,7 @@ from bench_core import (BATCH, MINILM_L6, SEQ_LEN, fake_batch, init_params, mach
 GROUPS = (
     ("dropout (random bits, masks)", lambda op: "Dropout" in op or "threefry" in op or "Embed.setup" in op),
     ("attention matmuls (QKᵀ, PV) and their layout copies",
-     lambda op: re.search(r"/attention/self/(dot_general|cond/)", op)),
+     lambda op: "/attention/self/" in op and re.search(r"/b[a-z]{3},b[a-z]{3}->", op)),
     ("softmax and score scaling", lambda op: "/attention/self/" in op
      and not re.search(r"/(query|key|value)/", op)),
     ("dense layers (matmuls, bias)", lambda op: re.search(r"/(dense|query|key|value|classifier)/", op)),

@@ -1,5 +1,6 @@
-"""childtuning_jax.models.matmul: the same products and gradients as jnp.matmul, and on CPU
-a backward pass whose dots all contract their left operand on its last axis."""
+"""childtuning_jax.models.matmul: the same products and gradients as jnp.matmul, and on CPU,
+over long contractions, a backward pass whose dots all contract their left operand on its
+last axis."""
 
 import re
 
@@ -9,6 +10,7 @@ import numpy as np
 import pytest
 from jax import lax
 
+from childtuning_jax.models import matmul as matmul_module
 from childtuning_jax.models.matmul import dense_dot_general, matmul
 
 # (a shape, b shape, transpose_b): a dense layer's 2-D kernel with both transposing routes
@@ -29,8 +31,16 @@ def _reference(a, b, transpose_b):
   return jnp.matmul(a, jnp.swapaxes(b, -1, -2) if transpose_b else b, precision="highest")
 
 
+@pytest.fixture(params=[1, matmul_module.MIN_ROWS], ids=["transposed copies", "jax's rule"])
+def min_rows(request, monkeypatch):
+  """Both backward passes at test sizes: every product long enough for the transposed copies,
+  and the threshold as shipped (these small products then take JAX's own derivative)."""
+  monkeypatch.setattr(matmul_module, "MIN_ROWS", request.param)
+  return request.param
+
+
 @pytest.mark.parametrize("a_shape,b_shape,transpose_b", CASES)
-def test_values_and_gradients_match_jnp_matmul(a_shape, b_shape, transpose_b):
+def test_values_and_gradients_match_jnp_matmul(a_shape, b_shape, transpose_b, min_rows):
   ka, kb, kg = jax.random.split(jax.random.key(0), 3)
   a, b = jax.random.normal(ka, a_shape), jax.random.normal(kb, b_shape)
   out_shape = _reference(a, b, transpose_b).shape
@@ -44,7 +54,7 @@ def test_values_and_gradients_match_jnp_matmul(a_shape, b_shape, transpose_b):
     np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-4)
 
 
-def test_per_example_gradients_under_vmap_match_a_loop():
+def test_per_example_gradients_under_vmap_match_a_loop(min_rows):
   x = jax.random.normal(jax.random.key(1), (4, 6, 5))
   w = jax.random.normal(jax.random.key(2), (5, 3))
   loss = lambda f: lambda w, xi: jnp.tanh(f(xi, w)).sum()
@@ -60,18 +70,22 @@ def test_bfloat16_gradients_keep_the_dtype():
   assert float(db[0, 0]) == 32.0 and float(da[0, 0, 0]) == 3.0
 
 
-def _dots(hlo_text):
-  """(lhs rank, lhs contracting dims) of every dot in an HLO module's text."""
+def _dots(hlo_text, op_filter=lambda op_name: True):
+  """(lhs rank, lhs contracting dims) of every dot in an HLO module's text (whose op_name
+  passes ``op_filter``)."""
   shapes = dict(re.findall(r"%([\w.\-]+) = \w+\[([\d,]*)\]", hlo_text))
   dots = []
-  for lhs, contracting in re.findall(r"\bdot\(%([\w.\-]+), %[\w.\-]+\).*?lhs_contracting_dims=\{([\d,]*)\}",
-                                     hlo_text):
-    dots.append((len(shapes[lhs].split(",")), tuple(int(d) for d in contracting.split(","))))
+  for lhs, contracting, op_name in re.findall(
+      r"\bdot\(%([\w.\-]+), %[\w.\-]+\).*?lhs_contracting_dims=\{([\d,]*)\}.*?op_name=\"([^\"]*)\"", hlo_text):
+    if op_filter(op_name):
+      dots.append((len(shapes[lhs].split(",")), tuple(int(d) for d in contracting.split(","))))
   return dots
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="the CPU backward pass")
-def test_cpu_backward_contracts_every_left_operand_on_its_last_axis():
+def test_cpu_backward_contracts_every_left_operand_on_its_last_axis(monkeypatch):
+  monkeypatch.setattr(matmul_module, "MIN_ROWS", 1)  # the test's products are short
+
   def layer(params, x):  # two dense layers and an attention-like pair of batched products
     h = matmul(x, params["wide"])                  # [2, 8, 16]: transposes x for the kernel gradient
     h = matmul(h, params["narrow"])                # [2, 8, 4]: transposes the cotangent instead
@@ -105,7 +119,8 @@ def test_mismatched_shapes_raise(a_shape, b_shape, transpose_b):
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="the CPU backward pass")
-def test_encoder_training_step_has_no_dot_on_xlas_fallback_kernel():
+def test_encoder_dense_layers_have_no_dot_on_xlas_fallback_kernel(monkeypatch):
+  monkeypatch.setattr(matmul_module, "MIN_ROWS", 1)  # a tiny batch stands for a training batch
   from childtuning_jax.models import EncoderConfig, EncoderForSequenceClassification
   config = EncoderConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
                          intermediate_size=24, max_position_embeddings=16, num_labels=3)
@@ -117,6 +132,7 @@ def test_encoder_training_step_has_no_dot_on_xlas_fallback_kernel():
     logits = model.apply({"params": params}, ids, deterministic=False, rngs={"dropout": jax.random.key(1)})
     return jax.nn.logsumexp(logits, axis=-1).mean()
 
-  dots = _dots(jax.jit(jax.grad(loss)).lower(params).compile().as_text())
-  assert len(dots) >= 2 * 2 * 8  # per layer: 6 dense layers and 2 attention products, twice
+  text = jax.jit(jax.grad(loss)).lower(params).compile().as_text()
+  dots = _dots(text, lambda op_name: "->" not in op_name)  # all but attention's two einsums
+  assert len(dots) >= 2 * 3 * 6  # per layer, 6 dense layers: the product and two cotangents
   assert all(contracting == (rank - 1,) for rank, contracting in dots), dots

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from childtuning_jax import _random
-from childtuning_jax.models.matmul import dense_dot_general, matmul
+from childtuning_jax.models.matmul import dense_dot_general
 
 
 def _gelu(x):
@@ -181,10 +181,10 @@ class SelfAttention(nn.Module):
     q = split(_dense(c, c.hidden_size, "query")(x))
     k = split(_dense(c, c.hidden_size, "key")(x))
     v = split(_dense(c, c.hidden_size, "value")(x))
-    scores = matmul(q, k, transpose_b=True) / jnp.sqrt(head_dim).astype(q.dtype)
+    scores = jnp.einsum("bhqd,bhkd->bhqk", q, k) / jnp.sqrt(head_dim).astype(q.dtype)
     probs = jax.nn.softmax(scores + attention_bias, axis=-1)
     probs = Dropout(c.attention_probs_dropout_prob)(probs, deterministic)
-    context = matmul(probs, v).transpose(0, 2, 1, 3)
+    context = jnp.einsum("bhqk,bhkd->bhqd", probs, v).transpose(0, 2, 1, 3)
     return context.reshape(context.shape[:2] + (c.hidden_size,))
 
 

@@ -2,14 +2,19 @@
 
 XLA on CPU hands a dot to YNNPACK only when the left operand is contracted on
 its last axis. The weight gradient of a dense layer, xᵀ·dy, contracts ``x`` on
-its first (token) axis, and so do the key and value gradients of attention:
-XLA then runs them on its slower fallback kernel, after transposing an operand
-in memory. :func:`matmul` computes the same products as ``jnp.matmul``; on CPU
-its backward pass copies the narrower operand of each such product into its
-transpose, behind an optimization barrier so that XLA cannot fold the
-transpose back into the dot, and contracts the copy on its last axis. On other
-platforms it uses JAX's own derivative. BENCHMARKS.md measures the training
-step both ways.
+its first (token) axis: XLA then runs it on its slower fallback kernel (Eigen),
+after transposing an operand in memory. :func:`matmul` computes the same
+products as ``jnp.matmul``; on CPU, when such a gradient contracts at least
+``MIN_ROWS`` rows (a training batch's tokens), its backward pass copies the
+narrower operand into its transpose, behind optimization barriers so that XLA
+can neither fuse the copy into its producer nor fold the transpose back into
+the dot, and contracts the copy on its last axis. Over fewer rows (one
+example's tokens under ``jax.vmap``, as in the per-example Fisher pass) and on
+other platforms it uses JAX's own derivative, which measured faster there.
+BENCHMARKS.md measures the training step both ways.
+
+Being a ``jax.custom_vjp``, :func:`matmul` supports reverse-mode
+differentiation (and ``vmap`` of it) but not forward mode (``jax.jvp``).
 
 Examples:
   >>> import jax, jax.numpy as jnp
@@ -54,7 +59,15 @@ def _transposed_times(a, b, precision):
   return jnp.swapaxes(lax.optimization_barrier(_product(_transposed_copy(b), a, False, precision)), -1, -2)
 
 
+# Rows that b's gradient contracts, from which the transposed copy pays on CPU: it did over
+# a MiniLM training batch's 4096 tokens, and did not over one example's 128 (BENCHMARKS.md).
+MIN_ROWS = 1024
+
+
 def _cpu_cotangents(transpose_b, precision, a, b, g):
+  rows = a.size // a.shape[-1] if b.ndim == 2 else a.shape[-2]
+  if rows < MIN_ROWS:
+    return _default_cotangents(transpose_b, precision, a, b, g)
   da = _product(g, b, not transpose_b, precision)
   if b.ndim == 2:  # one b for all of a's leading axes: contract over them all
     a, g = a.reshape(-1, a.shape[-1]), g.reshape(-1, g.shape[-1])
