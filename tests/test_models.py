@@ -6,12 +6,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import traverse_util
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from childtuning_jax.models import EncoderConfig, load_pretrained  # noqa: E402
 from childtuning_jax.models import matmul as matmul_module  # noqa: E402
+from childtuning_jax.models.loading import _flax_path  # noqa: E402
 
 TINY = dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
             intermediate_size=37, max_position_embeddings=64)
@@ -261,19 +263,14 @@ def test_gradients_match_pytorch_transformers(tmp_path, kind, monkeypatch):
                          jnp.asarray(types, jnp.int32), deterministic=True)
     return -jnp.take_along_axis(jax.nn.log_softmax(logits), jnp.asarray(labels)[:, None], 1).mean()
 
-  got = jax.jit(jax.grad(loss))(params)
+  got = traverse_util.flatten_dict(jax.jit(jax.grad(loss))(params), sep="/")
   compared = 0
-  for path, g in jax.tree_util.tree_flatten_with_path(got)[0]:
-    keys = [k.key for k in path]
-    name = ".".join(keys[:-1]).replace("layer_", "layer.")
-    leaf = {"kernel": "weight", "scale": "weight", "embedding": "weight"}.get(keys[-1], keys[-1])
-    torch_name = f"{name}.{leaf}"
-    if torch_name not in want:
-      continue
-    g = np.asarray(g)
-    w = want[torch_name].T if keys[-1] == "kernel" else want[torch_name]
+  for torch_name, w in want.items():
+    path = _flax_path(torch_name, got)  # the checkpoint loader's name mapping
+    assert path is not None, torch_name
+    g = np.asarray(got[path])
+    w = w.T if path.endswith("/kernel") else w
     assert g.shape == w.shape, torch_name
     np.testing.assert_allclose(g, w, atol=1e-5 + 1e-3 * np.abs(w).max(), rtol=1e-3, err_msg=torch_name)
     compared += 1
-  # all of the encoder's dense kernels and biases, LayerNorms and embeddings
   assert compared >= 2 * 16 + 4, compared
