@@ -5,20 +5,25 @@ array). GLUE comes from ``datasets.load_dataset("nyu-mll/glue", task)`` and
 needs the Hugging Face Hub; local files follow run_glue's conventions
 (``sentence`` or ``sentence1``[, ``sentence2``] and ``label``; float labels
 mean regression). Mistakes in a file are reported with the file, row and
-column, before any model code runs.
+column, before any model code runs: an empty text, a label that is missing,
+not finite or of another kind than the rest, bytes that are not UTF-8.
 """
 
 from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import json
+import logging
+import math
 import os
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+logger = logging.getLogger(__name__)
 
 @dataclasses.dataclass(frozen=True)
 class GlueTask:
@@ -89,15 +94,36 @@ def load_glue(task_name: str) -> tuple[dict[str, TextDataset], GlueTask]:
     raise OSError(f"could not load GLUE task {task_name!r} from the Hugging Face Hub "
                   f"({type(error).__name__}). Offline, pass --train_file/--validation_file "
                   "with local CSV or JSON files instead.") from None
-  splits = {}
-  for split in ("train",) + task.eval_splits:
-    columns = raw[split]
-    labels = np.asarray(columns["label"], np.float32 if task.num_labels == 1 else np.int32)
-    texts = [list(columns[name]) for name in task.text_columns]
-    names = getattr(columns.features["label"], "names", None)  # a ClassLabel's names
-    splits[split] = TextDataset(f"{task_name}/{split}", texts[0], texts[1] if len(texts) > 1 else None,
-                                labels, list(names) if names else None)
+  splits = {split: glue_split(f"{task_name}/{split}", raw[split], task)
+            for split in ("train",) + task.eval_splits}
   return splits, task
+
+
+def glue_split(name: str, columns: Any, task: GlueTask) -> TextDataset:
+  """One split of a GLUE task as ``datasets`` returns it (a ``datasets.Dataset``).
+
+  The Hub's files cannot be fixed by the user: rows with an empty text or a missing score
+  are skipped and counted in the log (a local file with them is refused instead).
+
+  Examples:
+    >>> import datasets
+    >>> from childtuning_jax.data import GLUE_TASKS, glue_split
+    >>> columns = datasets.Dataset.from_dict({"sentence": ["a fine film", " "], "label": [1, 0]})
+    >>> glue_split("sst2/train", columns, GLUE_TASKS["sst2"]).text_a
+    ['a fine film']
+  """
+  labels = np.asarray(columns["label"], np.float32 if task.num_labels == 1 else np.int32)
+  texts = [list(columns[column]) for column in task.text_columns]
+  names = getattr(columns.features["label"], "names", None)  # a ClassLabel's names
+  dataset = TextDataset(name, texts[0], texts[1] if len(texts) > 1 else None, labels,
+                        list(names) if names else None)
+  usable = [i for i in range(len(dataset))
+            if all((t[i] or "").strip() for t in texts) and np.isfinite(labels[i])]
+  if len(usable) < len(dataset):
+    logger.warning("%s: skipped %d of %d examples with an empty text or a missing label",
+                   name, len(dataset) - len(usable), len(dataset))
+    dataset = dataset.subset(usable)
+  return dataset
 
 
 def read_rows(path: str | os.PathLike) -> list[dict[str, Any]]:
@@ -116,11 +142,21 @@ def read_rows(path: str | os.PathLike) -> list[dict[str, Any]]:
   if not path.is_file():
     raise FileNotFoundError(f"data file {path} does not exist.")
   suffix = path.suffix.lower()
+  if suffix not in (".csv", ".tsv", ".json", ".jsonl"):
+    raise ValueError(f"{path}: unsupported file type {suffix!r}; use .csv, .tsv, .json or .jsonl.")
+  raw = path.read_bytes()
+  try:
+    text = raw.decode("utf-8-sig")  # a leading byte-order mark (Excel's CSV) is not data
+  except UnicodeDecodeError as error:
+    line = raw.count(b"\n", 0, error.start) + 1
+    column = error.start - (raw.rfind(b"\n", 0, error.start) + 1) + 1
+    raise ValueError(f"{path}, line {line}, byte {column} of the line: byte 0x{raw[error.start]:02x} "
+                     "is not UTF-8 text. Save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`)."
+                     ) from None
   if suffix in (".csv", ".tsv"):
-    with open(path, newline="", encoding="utf-8") as file:
-      rows = list(csv.DictReader(file, delimiter="\t" if suffix == ".tsv" else ","))
-  elif suffix in (".json", ".jsonl"):
-    text = path.read_text(encoding="utf-8")
+    rows = list(csv.DictReader(io.StringIO(text, newline=""),
+                               delimiter="\t" if suffix == ".tsv" else ","))
+  else:
     if text.lstrip().startswith("["):
       rows = json.loads(text)
     else:
@@ -131,8 +167,6 @@ def read_rows(path: str | os.PathLike) -> list[dict[str, Any]]:
             rows.append(json.loads(line))
           except json.JSONDecodeError as error:
             raise ValueError(f"{path}, line {number}: not valid JSON ({error.msg}).") from None
-  else:
-    raise ValueError(f"{path}: unsupported file type {suffix!r}; use .csv, .tsv, .json or .jsonl.")
   if not rows:
     raise ValueError(f"{path} holds no examples.")
   for number, row in enumerate(rows, 1):
@@ -206,19 +240,25 @@ def load_local(path: str | os.PathLike, *, text_columns: tuple[str, ...] | None 
   for offset, row in enumerate(rows):
     for name in text_columns + ("label",):
       value = row.get(name)
-      if value is None or (isinstance(value, str) and not value.strip() and name == "label"):
-        raise ValueError(f"{path}, row {first_row + offset}: column {name!r} is empty.")
+      if value is None or (isinstance(value, str) and not value.strip()):
+        raise ValueError(f"{path}, row {first_row + offset}: column {name!r} is empty; fill it in "
+                         "or remove the row.")
   raw_labels = [row["label"] for row in rows]
+  where = lambda offset: f"{path}, row {first_row + offset}"
+  kinds = [_label_kind(value) for value in raw_labels]
+  for offset, kind in enumerate(kinds):
+    if kind == "missing":
+      raise ValueError(f"{where(offset)}: label {raw_labels[offset]!r} is not a usable label (a "
+                       "missing value?); fill it in or remove the row.")
   if regression is None:
-    regression = label_list is None and _looks_like_regression(raw_labels)
+    regression = label_list is None and _is_regression(kinds, raw_labels, path, first_row)
   if regression:
     labels = np.empty(len(rows), np.float32)
     for offset, value in enumerate(raw_labels):
-      try:
-        labels[offset] = float(value)
-      except (TypeError, ValueError):
-        raise ValueError(f"{path}, row {first_row + offset}: label {value!r} is not a number, "
-                         "but this is a regression data set.") from None
+      if kinds[offset] == "word":
+        raise ValueError(f"{where(offset)}: label {value!r} is not a number, but this is a "
+                         "regression data set.")
+      labels[offset] = float(value)
   else:
     keys = [_label_key(value) for value in raw_labels]
     known = [_label_key(value) for value in label_list] if label_list is not None else sorted(
@@ -256,24 +296,47 @@ def _sort_key(key: str):
     return (1, 0.0, key)
 
 
-def _looks_like_regression(values: Sequence[Any]) -> bool:
-  """Float labels, as a CSV reader's type inference sees them: every label a number and at
-  least one written as a float (``3.8``, ``1.0``, ``2e-1``) or a JSON float."""
-  written_as_float = False
-  for value in values:
-    if isinstance(value, bool):
-      return False
-    if isinstance(value, float):
-      written_as_float = True
-      continue
-    if isinstance(value, int):
-      continue
-    try:
-      float(value)
-    except (TypeError, ValueError):
-      return False
-    written_as_float |= any(c in str(value) for c in ".eE")
-  return written_as_float
+def _label_kind(value: Any) -> str:
+  """``"word"``, ``"int"`` (a whole number written without a point), ``"whole_float"`` (a
+  whole number written as a float: ``1.0``, ``2e1``), ``"float"`` (``3.8``) or ``"missing"``
+  (NaN or infinite: what a spreadsheet writes for an empty cell)."""
+  if isinstance(value, bool):
+    return "word"
+  if isinstance(value, int):
+    return "int"
+  try:
+    number = float(value)
+  except (TypeError, ValueError):
+    return "word"
+  if not math.isfinite(number):
+    return "missing"
+  if not number.is_integer():
+    return "float"
+  return "whole_float" if isinstance(value, float) or any(c in str(value) for c in ".eE") else "int"
+
+
+def _is_regression(kinds: Sequence[str], labels: Sequence[Any], path, first_row: int) -> bool:
+  """A training file's task from its labels' kinds, as a CSV reader's type inference decides
+  (numbers written as floats: regression), refusing files that mix kinds: words with numbers
+  (``positive`` and ``1``), or whole numbers written both ways (``1`` and ``1.0``), where a
+  typo would silently change the task."""
+  first = {}
+  for offset, kind in enumerate(kinds):
+    first.setdefault(kind, offset)
+  row = lambda kind: f"row {first_row + first[kind]} ({labels[first[kind]]!r})"
+  numbers = [kind for kind in first if kind != "word"]
+  if "word" in first and numbers:
+    raise ValueError(f"{path}: the labels mix two kinds: a name in {row('word')}, a number in "
+                     f"{row(numbers[0])}. Write every label the same way (all names, or all "
+                     "class numbers).")
+  if "float" in first:
+    return True
+  if "int" in first and "whole_float" in first:
+    raise ValueError(
+        f"{path}: {row('whole_float')} writes a label as a float, {row('int')} as a whole "
+        "number. Is this classification (write every label as an integer) or regression "
+        "(scores: write them all as floats, e.g. 1.0)?")
+  return "whole_float" in first
 
 
 def encode(dataset: TextDataset, tokenizer: Any, max_seq_length: int) -> dict[str, np.ndarray]:

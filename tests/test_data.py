@@ -142,3 +142,58 @@ def test_encode_pads_pairs_to_a_fixed_length_with_the_embedded_tokenizer(tmp_pat
   assert arrays["attention_mask"][0].sum() < 16 and arrays["attention_mask"][1].sum() == 16
   assert arrays["token_type_ids"][0].max() == 1  # the second sentence is segment 1
   np.testing.assert_array_equal(arrays["labels"], [1, 0])
+
+
+@pytest.mark.parametrize("labels, task", [
+    (["negative", "positive", "negative"], "classification"),
+    (["0", "1", "2"], "classification"),
+    (["3.8", "1", "0.25"], "regression"),  # scores; some happen to be whole numbers
+    (["1.0", "0.0", "2e0"], "regression"),  # numbers written as floats, as type inference reads them
+    (["positive", "1", "0"], "mix two kinds"),
+    (["1", "0", "1.0"], "writes a label as a float"),
+    (["0.5", "nan", "1"], "not a usable label"),
+    (["-inf", "0", "1"], "not a usable label"),
+])
+def test_the_task_follows_the_labels_and_mixed_kinds_are_refused(tmp_path, labels, task):
+  path = _write_csv(tmp_path / "t.csv", ["sentence", "label"], [[f"s{i}", v] for i, v in enumerate(labels)])
+  if task in ("classification", "regression"):
+    assert load_local(path).is_regression == (task == "regression")
+  else:
+    with pytest.raises(ValueError, match=task):
+      load_local(path)
+
+
+def test_json_numbers_follow_the_same_rules(tmp_path):
+  path = tmp_path / "t.jsonl"
+  path.write_text('{"sentence": "a", "label": 1}\n{"sentence": "b", "label": 0.0}\n')
+  with pytest.raises(ValueError, match=r"row 2 \(0.0\) writes a label as a float, row 1 \(1\)"):
+    load_local(path)
+  path.write_text('{"sentence": "a", "label": 0.5}\n{"sentence": "b", "label": NaN}\n')
+  with pytest.raises(ValueError, match=r"row 2: label nan is not a usable label"):
+    load_local(path)
+
+
+def test_empty_texts_are_refused_and_a_byte_order_mark_is_not_data(tmp_path):
+  pair = _write_csv(tmp_path / "p.csv", ["sentence1", "sentence2", "label"], [["a", " ", "0"]])
+  with pytest.raises(ValueError, match=r"p.csv, row 2: column 'sentence2' is empty"):
+    load_local(pair)
+  excel = tmp_path / "excel.csv"
+  excel.write_bytes("\ufeffsentence,label\na fine film,positive\n".encode("utf-8"))
+  assert load_local(excel).text_a == ["a fine film"]
+
+
+def test_glue_splits_skip_and_count_empty_texts_and_missing_scores(caplog):
+  datasets = pytest.importorskip("datasets")
+  from childtuning_jax.data import glue_split
+
+  columns = datasets.Dataset.from_dict({"sentence1": ["a", "", "c", "d"], "sentence2": ["w", "x", "y", "z"],
+                                        "label": [0.5, 1.0, float("nan"), 4.0]})
+  split = glue_split("stsb/train", columns, GLUE_TASKS["stsb"])
+  assert split.text_a == ["a", "d"] and split.labels.tolist() == [0.5, 4.0]
+  assert "stsb/train: skipped 2 of 4 examples" in caplog.text
+  labelled = datasets.Dataset.from_dict(
+      {"sentence": ["a", "b"], "label": [1, 0]},
+      features=datasets.Features({"sentence": datasets.Value("string"),
+                                  "label": datasets.ClassLabel(names=["unacceptable", "acceptable"])}))
+  split = glue_split("cola/validation", labelled, GLUE_TASKS["cola"])
+  assert split.label_names == ["unacceptable", "acceptable"] and split.labels.tolist() == [1, 0]

@@ -3,7 +3,6 @@ against the runs' own results, the probes, the figures and RESULTS.md, on a tiny
 
 import csv
 import json
-import subprocess
 import sys
 
 import numpy as np
@@ -62,13 +61,12 @@ def campaign(tmp_path, monkeypatch):
   monkeypatch.setattr(experiments, "PROBE_EXAMPLES", 50)
   calls = []
 
-  def in_process(command, stdout, stderr, cwd, env):
+  def in_process(command, log, env):
     assert command[1:3] == ["-m", "train.run_glue"]
     calls.append(command[3:])
-    run_glue.main(command[3:])
-    return subprocess.CompletedProcess(command, 0)
+    return run_glue.cli(command[3:])
 
-  monkeypatch.setattr(experiments.subprocess, "run", in_process)
+  monkeypatch.setattr(experiments, "run_trainer", in_process)
   argv = ["--root", str(tmp_path / "root"), "--data_dir", str(data),
           "--results_dir", str(tmp_path / "results"), "--results_md", str(tmp_path / "RESULTS.md"),
           "--model_name_or_path", str(model), "--seeds", "2", "--max_seq_length", "16",
@@ -161,16 +159,26 @@ def test_a_failed_run_is_reported_and_the_campaign_goes_on(campaign, monkeypatch
   tmp_path, argv, calls = campaign
   argv = [*argv, "--jobs", jobs]
 
-  def failing_for_ct_f(command, stdout, stderr, cwd, env):
+  def failing_for_ct_f(command, log, env):
     calls.append(command[3:])
     code = 1 if "ChildTuning-F" in command else 0
     if code == 0:
       (experiments.Path(command[command.index("--output_dir") + 1]) / "all_results.json").write_text(
           json.dumps({"eval_accuracy": 0.5}))
-    return subprocess.CompletedProcess(command, code)
+    return code
 
-  monkeypatch.setattr(experiments.subprocess, "run", failing_for_ct_f)
+  monkeypatch.setattr(experiments, "run_trainer", failing_for_ct_f)
   monkeypatch.setitem(experiments.EXPERIMENT_CELLS, "methods", ["ct_f_0.3", "vanilla"])
   with pytest.raises(RuntimeError, match=r"2 run\(s\) failed: .*ct_f_0.3 seed 0.*ct_f_0.3 seed 1"):
     experiments.main(["methods", *argv])
   assert len(calls) == 4  # vanilla ran for both seeds after CT-F failed
+
+
+def test_a_diverging_run_is_reported_as_failed(campaign, monkeypatch):
+  tmp_path, argv, calls = campaign
+  monkeypatch.setitem(experiments.CELLS, "diverges", experiments.Cell(
+      "diverges", "Diverges", ("--mode", "vanilla", "--learning_rate", "1e9", "--max_steps", "3")))
+  monkeypatch.setitem(experiments.EXPERIMENT_CELLS, "methods", ["diverges"])
+  with pytest.raises(RuntimeError, match=r"2 run\(s\) failed: .*diverges seed 0.*diverges seed 1"):
+    experiments.main(["methods", *argv])
+  assert not (tmp_path / "root" / "runs" / "diverges" / "seed_0" / "all_results.json").exists()

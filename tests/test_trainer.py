@@ -20,23 +20,8 @@ import tiny_run  # noqa: E402
 from train import arguments, checkpoints, run_glue, trainer  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-  root = tmp_path_factory.mktemp("tiny")
-  return {
-      "model": tiny_run.write_checkpoint(root / "model"),
-      "train": tiny_run.write_csv(root / "train.csv", 256, seed=1),
-      "validation": tiny_run.write_csv(root / "validation.csv", 100, seed=2),
-      "extra": tiny_run.write_csv(root / "shifted.csv", 40, seed=3),
-  }
-
-
 def run(tiny, output_dir, *flags):
-  argv = ["--model_name_or_path", str(tiny["model"]), "--train_file", str(tiny["train"]),
-          "--validation_file", str(tiny["validation"]), "--output_dir", str(output_dir),
-          "--max_seq_length", "16", "--per_device_train_batch_size", "2",
-          "--disable_tqdm", *map(str, flags)]
-  return run_glue.main(argv)
+  return run_glue.main(tiny_run.trainer_argv(tiny, output_dir, *flags))
 
 
 def read_json(path):
@@ -163,8 +148,6 @@ def test_bad_input_fails_before_training_with_a_clear_message(tiny, tmp_path):
     run(tiny, tmp_path / "c", "--num_devices", "9")
   with pytest.raises(ValueError, match="fewer than one batch"):
     run(tiny, tmp_path / "d", "--per_device_train_batch_size", "64")
-  with pytest.raises(ValueError, match="reserve_p"):
-    run(tiny, tmp_path / "e", "--reserve_p", "0")
   with pytest.raises(SystemExit):  # argparse: invalid choice
     run(tiny, tmp_path / "f", "--mode", "ChildTuning")
 
@@ -259,14 +242,9 @@ def test_top_k_tuning_trains_only_the_top_layers_and_the_head(tiny):
   assert not any(moved[n] for n in moved if "/embeddings/" in n or "/layer_0/" in n)
   assert all(moved[n] for n in moved if "/layer_1/" in n or n.startswith(("classifier", "bert/pooler")))
   with pytest.raises(ValueError, match="--mode vanilla"):
-    trainer.check_method_flags(arguments.TrainingArguments(
-        output_dir="-", mode="ChildTuning-F", top_k_layers=1), is_regression=False)
+    arguments.TrainingArguments(output_dir="-", mode="ChildTuning-F", top_k_layers=1)
   with pytest.raises(ValueError, match="overshoots"):
-    trainer.check_method_flags(arguments.TrainingArguments(
-        output_dir="-", learning_rate=1e-3, recadam_k=0.5), is_regression=False)
-  with pytest.raises(ValueError, match="classification only"):
-    trainer.check_method_flags(arguments.TrainingArguments(output_dir="-", r3f_sigma=0.5),
-                               is_regression=True)
+    arguments.TrainingArguments(output_dir="-", learning_rate=1e-3, recadam_k=0.5)
 
 
 def test_r3f_adds_the_symmetric_kl_of_a_noisy_pass(tiny):
@@ -325,31 +303,4 @@ def test_ablation_child_networks_and_prune_at_eval(tiny, tmp_path):
   for bad in (("--mode", "vanilla", "--prune_at_eval"),
               ("--mode", "ChildTuning-F", "--child_network", "random")):
     with pytest.raises(ValueError, match="options of --mode ChildTuning-D"):
-      run(tiny, tmp_path / "bad", *bad)
-
-
-def test_sigterm_saves_a_checkpoint_and_resume_finishes_the_run(tiny, tmp_path, monkeypatch):
-  import os
-  import signal
-
-  from train import input_pipeline
-
-  flags = RESUME_FLAGS + ["--mode", "ChildTuning-F"]
-  uninterrupted = run(tiny, tmp_path / "uninterrupted", *flags)
-  place, calls = input_pipeline.place, []
-
-  def place_then_preempt(batch, sharding):
-    calls.append(1)
-    if len(calls) == 5:  # as a preempted VM or a cluster's time limit would, mid-run
-      os.kill(os.getpid(), signal.SIGTERM)
-    return place(batch, sharding)
-
-  monkeypatch.setattr(input_pipeline, "place", place_then_preempt)
-  with pytest.raises(KeyboardInterrupt):
-    run(tiny, tmp_path / "preempted", *flags)
-  monkeypatch.setattr(input_pipeline, "place", place)
-  saved = sorted(int(p.name) for p in (tmp_path / "preempted" / "checkpoints").iterdir())
-  assert saved and 0 < max(saved) < 8
-  assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is removed again
-  resumed = run(tiny, tmp_path / "preempted", *flags, "--resume")
-  assert resumed["eval_loss"] == uninterrupted["eval_loss"]
+      arguments.parse(["--output_dir", "-", *bad], exit_on_error=False)

@@ -56,3 +56,11 @@ def write_csv(path: Path, count: int, seed: int, labels=("negative", "positive")
     for text, label in sentences(count, seed):
       writer.writerow([text, labels[label]])
   return path
+
+
+def trainer_argv(tiny: dict, output_dir: Path, *flags) -> list[str]:
+  """run_glue's command line for the tiny model and files of the ``tiny`` fixture."""
+  return ["--model_name_or_path", str(tiny["model"]), "--train_file", str(tiny["train"]),
+          "--validation_file", str(tiny["validation"]), "--output_dir", str(output_dir),
+          "--max_seq_length", "16", "--per_device_train_batch_size", "2", "--disable_tqdm",
+          *map(str, flags)]

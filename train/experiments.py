@@ -167,6 +167,14 @@ def _jax_env(setting: Setting) -> dict[str, str]:
   return env
 
 
+def run_trainer(command: list[str], log: Path, env: dict[str, str]) -> int:
+  """Runs one trainer command in a process of its own, its output appended to ``log``;
+  returns its exit status (tests replace this function to run the trainer in-process)."""
+  with open(log, "a") as file:
+    return subprocess.run(command, stdout=file, stderr=subprocess.STDOUT, cwd=REPO,
+                          env=env).returncode
+
+
 def run_one(setting: Setting, command: list[str], output_dir: Path, *, keep_checkpoint: bool,
             label: str) -> dict | None:
   """Runs (or resumes, or skips if finished) one trainer process; returns its all_results."""
@@ -180,12 +188,10 @@ def run_one(setting: Setting, command: list[str], output_dir: Path, *, keep_chec
     return None
   output_dir.mkdir(parents=True, exist_ok=True)
   started = time.perf_counter()
-  with open(output_dir / "log.txt", "a") as log:
-    finished = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
-                              env=_jax_env(setting))
+  code = run_trainer(command, output_dir / "log.txt", _jax_env(setting))
   seconds = time.perf_counter() - started
-  if finished.returncode != 0:
-    raise RuntimeError(f"{label} failed (exit {finished.returncode}); see {output_dir / 'log.txt'}")
+  if code != 0:
+    raise RuntimeError(f"{label} failed (exit {code}); see {output_dir / 'log.txt'}")
   wall = output_dir / "wall_seconds.json"
   earlier = json.loads(wall.read_text())["wall_seconds"] if wall.exists() else 0.0
   wall.write_text(json.dumps({"wall_seconds": round(earlier + seconds, 1),

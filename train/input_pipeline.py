@@ -42,6 +42,11 @@ class Datasets:
   def is_regression(self) -> bool:
     return self.num_labels == 1
 
+  @property
+  def label_names(self) -> list | None:
+    """The training set's labels in class-id order (None for regression)."""
+    return None if self.is_regression else self.train.label_names
+
 
 def rotten_tomatoes(validation_size: int = 1000) -> tuple[data_lib.TextDataset, data_lib.TextDataset]:
   """Rotten Tomatoes critics' snippets labelled ``fresh``/``rotten`` (12,808 reviews).
@@ -135,11 +140,71 @@ def _load_eval_file(path: str, train: data_lib.TextDataset, label_list) -> data_
   return data_lib.load_local(path, label_list=label_list, regression=train.is_regression)
 
 
-def tokenize(datasets: Datasets, tokenizer: Any, max_seq_length: int) -> tuple[dict, dict[str, dict]]:
-  """``(train_arrays, {eval_name: arrays})`` of fixed-length int32 ids and labels."""
+def describe(datasets: Datasets) -> str:
+  """One line for the log: the task type, the label set and every set's size (per class)."""
+  def sizes(dataset):
+    if datasets.is_regression:
+      labels = dataset.labels
+      return (f"{len(dataset)} examples, labels {labels.min():.4g} to {labels.max():.4g} "
+              f"(mean {labels.mean():.4g})")
+    counts = np.bincount(dataset.labels, minlength=datasets.num_labels)
+    return f"{len(dataset)} examples ({', '.join(str(int(c)) for c in counts)} per label)"
+  task = ("regression" if datasets.is_regression
+          else f"classification into {datasets.num_labels} labels {datasets.label_names}")
+  parts = [f"train {datasets.train.name}: {sizes(datasets.train)}"]
+  parts += [f"{name} {dataset.name}: {sizes(dataset)}" for name, dataset in datasets.evals.items()]
+  return f"{datasets.task_name or 'task'}: {task}; " + "; ".join(parts)
+
+
+# Files one of which a Hugging Face tokenizer is loaded from (fast tokenizer, WordPiece, BPE,
+# SentencePiece). Without any, AutoTokenizer builds a vocabulary of the special tokens alone.
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model",
+                   "sentencepiece.bpe.model", "tokenizer.model")
+
+
+def load_tokenizer(model_path: Path) -> Any:
+  """The checkpoint directory's own tokenizer (``AutoTokenizer``), refusing a directory
+  that has no tokenizer files: transformers would then map every word to the unknown token."""
+  if not any((model_path / name).is_file() for name in TOKENIZER_FILES):
+    raise FileNotFoundError(
+        f"{model_path} has no tokenizer files (one of {', '.join(TOKENIZER_FILES)}). Save the "
+        "model's tokenizer into the same directory (tokenizer.save_pretrained(directory)).")
+  from transformers import AutoTokenizer  # only the trainer needs transformers
+
+  try:
+    return AutoTokenizer.from_pretrained(model_path)
+  except Exception as error:  # transformers' messages vary by tokenizer class
+    raise OSError(f"{model_path}: the tokenizer could not be loaded ({type(error).__name__}: "
+                  f"{error})") from None
+
+
+def tokenize(datasets: Datasets, tokenizer: Any, max_seq_length: int, *, vocab_size: int,
+             type_vocab_size: int) -> tuple[dict, dict[str, dict]]:
+  """``(train_arrays, {eval_name: arrays})`` of fixed-length int32 ids and labels.
+
+  Refuses ids the model's embedding tables do not have (a tokenizer of another model: JAX
+  would clamp them silently); warns when many words are unknown to the tokenizer.
+  """
   train = data_lib.encode(datasets.train, tokenizer, max_seq_length)
   evals = {name: data_lib.encode(dataset, tokenizer, max_seq_length)
            for name, dataset in datasets.evals.items()}
+  for name, arrays in [(datasets.train.name, train)] + [(d.name, evals[n])
+                                                       for n, d in datasets.evals.items()]:
+    for column, limit in (("input_ids", vocab_size), ("token_type_ids", type_vocab_size)):
+      if arrays[column].size and arrays[column].max() >= limit:
+        raise ValueError(f"{name}: the tokenizer gives {column} up to {arrays[column].max()}, but "
+                         f"the model has {limit} (config.json): the tokenizer belongs to another "
+                         "model.")
+  real = train["attention_mask"].astype(bool)
+  unknown = tokenizer.unk_token_id
+  if unknown is not None and real.any():
+    fraction = float((train["input_ids"][real] == unknown).mean())
+    if fraction > 0.1:
+      logger.warning("%.0f%% of the training tokens are the unknown token %r: the tokenizer does "
+                     "not fit this text", 100 * fraction, tokenizer.unk_token)
+  cut = float(real[:, -1].mean())
+  logger.info("max_seq_length %d: %.1f%% of the training examples fill it (longer ones are cut)",
+              max_seq_length, 100 * cut)
   return train, evals
 
 

@@ -17,8 +17,10 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as `python train/run_glue.py`
   sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import jax  # noqa: E402
+
 from childtuning_jax.cpu import restart_keeping_freed_memory  # noqa: E402
-from train import arguments, trainer  # noqa: E402
+from train import arguments, distributed, trainer  # noqa: E402
 
 
 def main(argv=None) -> dict:
@@ -32,8 +34,27 @@ def main(argv=None) -> dict:
   return results
 
 
+def cli(argv=None) -> int:
+  """:func:`main` as a command: the exit status, 0 for a finished run. A stop on a signal
+  exits with 128 + its number (143 for SIGTERM) after one line, as shells report signals;
+  an error exits with 1 after its traceback, whose last line names the cause."""
+  try:
+    main(argv)
+    code = 0
+  except trainer.Stopped as stop:
+    logging.warning("%s", stop)
+    code = 128 + stop.signum
+  except Exception:
+    logging.exception("run_glue failed")
+    code = 1
+  if jax.process_count() > 1 and code:
+    # The other processes may be gone already: skip JAX's shutdown barrier, which waits for them.
+    distributed.exit_now(code)
+  return code
+
+
 if __name__ == "__main__":
   # Restarts this command with glibc malloc settings under which, on CPU, every step reuses
   # XLA's temporaries instead of page-faulting them in afresh (childtuning_jax/cpu.py).
   restart_keeping_freed_memory()
-  main()
+  sys.exit(cli())

@@ -13,6 +13,9 @@ replicated; ``jax.jit`` inserts the gradient all-reduce.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import errno
 import json
 import logging
 import math
@@ -36,9 +39,9 @@ import childtuning_jax as ct
 from childtuning_jax import _trees, regularizers
 from childtuning_jax.data import batch_indices
 from childtuning_jax.metrics import compute_metrics
-from childtuning_jax.models import embedded_model_path, load_pretrained, resolve_checkpoint
+from childtuning_jax.models import embedded_model_path, load_config, load_pretrained, resolve_checkpoint
 from train import checkpoints as checkpoints_lib
-from train import input_pipeline
+from train import distributed, input_pipeline
 from train.arguments import DataArguments, ModelArguments, TrainingArguments, as_dict
 
 logger = logging.getLogger(__name__)
@@ -116,29 +119,20 @@ def optimizer(args: TrainingArguments, schedule: optax.Schedule, params: Any, *,
   return tx
 
 
-def check_method_flags(args: TrainingArguments, is_regression: bool | None = None) -> None:
-  """Refuses flag values and combinations that cannot work (``is_regression=None``: the
-  checks that do not depend on the data)."""
-  if not 0 < args.reserve_p <= 1:
-    raise ValueError(f"--reserve_p must be in (0, 1], got {args.reserve_p}.")
-  if args.top_k_layers is not None and args.mode != "vanilla":
-    raise ValueError("--top_k_layers is a fixed mask of its own: use it with --mode vanilla.")
-  if not 0 <= args.mixout_p < 1:
-    raise ValueError(f"--mixout_p must be in [0, 1), got {args.mixout_p}.")
-  if args.r3f_sigma < 0 or args.decay_to_pretrained < 0:
-    raise ValueError("--r3f_sigma and --decay_to_pretrained must be >= 0.")
-  if args.recadam_k is not None and args.learning_rate * args.recadam_strength >= 1:
-    raise ValueError(
-        f"RecAdam pulls by learning_rate x recadam_strength = "
-        f"{args.learning_rate * args.recadam_strength:g} of (w - w0) per step; at 1 or more it "
-        "overshoots. Lower --recadam_strength (5000 suits learning rates around 2e-5).")
-  if args.mode != "ChildTuning-D" and (args.child_network != "fisher" or args.prune_at_eval):
-    raise ValueError("--child_network and --prune_at_eval are options of --mode ChildTuning-D.")
-  if args.prune_at_eval and not args.do_eval:
-    raise ValueError("--prune_at_eval is an evaluation: it needs --do_eval.")
-  if args.r3f_sigma > 0 and is_regression is True:
+def check_flags_against_data(args: TrainingArguments, data_args: DataArguments, datasets,
+                             config) -> None:
+  """Refuses flags that cannot work with this data and model (the flags alone are checked by
+  the argument classes)."""
+  if args.r3f_sigma > 0 and datasets.is_regression:
     raise ValueError("R3F compares output distributions: it applies to classification only, "
                      "as in the paper.")
+  if data_args.max_seq_length is not None and data_args.max_seq_length > config.max_tokens:
+    raise ValueError(f"--max_seq_length {data_args.max_seq_length} is longer than the model's "
+                     f"{config.max_tokens} positions (max_position_embeddings in its config.json): "
+                     f"use at most {config.max_tokens}.")
+  if args.top_k_layers is not None and args.top_k_layers > config.num_hidden_layers:
+    raise ValueError(f"--top_k_layers {args.top_k_layers}: the model has "
+                     f"{config.num_hidden_layers} layers.")
 
 
 def child_network_of(opt_state: Any) -> Any:
@@ -186,6 +180,9 @@ def make_train_step(model, tx, schedule, *, is_regression: bool, mixout_p: float
   Mixout's weights (``state.pretrained`` holds w0); with ``r3f = (sigma, noise, lambda)``
   the loss adds R3F's symmetric KL to a pass on noisy word embeddings."""
   def train_step(state: TrainState, batch):
+    # One flag per row (a row per example, so each process sets its own): whether a process
+    # was asked to stop. Reduced here, every process reads the same answer after the same step.
+    stop_requested = batch.pop("stop_requested", None)
     dropout_key = jax.random.fold_in(state.dropout_key, state.step)
 
     def loss_fn(params):
@@ -210,8 +207,17 @@ def make_train_step(model, tx, schedule, *, is_regression: bool, mixout_p: float
     params = optax.apply_updates(state.params, updates)
     metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
                "learning_rate": schedule(state.step)}
+    if stop_requested is not None:
+      metrics["stop_requested"] = jnp.max(stop_requested)
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
   return train_step
+
+
+def compile_train_step(step_fn: Callable, run) -> Callable:
+  """The jitted step: batch split over the devices, state replicated and donated (its buffers
+  are reused for the new state, so the state passed in is deleted)."""
+  return jax.jit(step_fn, in_shardings=(run.replicated, run.data), out_shardings=run.replicated,
+                 donate_argnums=0)
 
 
 def make_eval_step(model, *, is_regression: bool) -> Callable:
@@ -231,8 +237,6 @@ class Run:
     if args.num_devices is not None:
       if not 1 <= args.num_devices <= len(devices):
         raise ValueError(f"--num_devices={args.num_devices}, but there are {len(devices)} devices.")
-      if jax.process_count() > 1:
-        raise ValueError("--num_devices is for a single process; multi-host runs use all devices.")
       devices = devices[:args.num_devices]
     # AxisType.Auto: with Explicit axes (jax.make_mesh's default) the embedding gather fails.
     self.mesh = jax.sharding.Mesh(np.array(devices), ("data",),
@@ -249,20 +253,91 @@ class Run:
       (self.output_dir / name).write_text(json.dumps(value, indent=2) + "\n")
 
 
+class Stopped(KeyboardInterrupt):
+  """The run stopped on SIGTERM or SIGINT. ``agreed``: every process stopped after the same
+  step (inside the training loop), having saved a checkpoint of it."""
+
+  def __init__(self, signum: int, message: str, *, agreed: bool = False):
+    super().__init__(message)
+    self.signum, self.agreed = signum, agreed
+
+
+class Diverged(RuntimeError):
+  """A non-finite loss, gradient norm or parameter: the run stops without saving it."""
+
+
+class StopSignals:
+  """SIGTERM (a preempted VM, a cluster's time limit) and SIGINT (Ctrl-C) for a whole run.
+
+  Inside the training loop (``deferred``) a signal is only noted: the loop finishes the step
+  it is in, saves a checkpoint and stops, so no buffer the step has donated is ever saved.
+  Anywhere else there is no new state to save and the run stops at once; so does a second
+  signal. Installed only in the main thread (Python delivers signals there), and again after
+  ``jax.distributed.initialize``, whose preemption notifier takes SIGTERM over and ignores it.
+  """
+
+  def __init__(self):
+    self.signum: int | None = None
+    self.deferred = False
+    self._previous: dict[int, Any] = {}
+
+  def __enter__(self) -> "StopSignals":
+    if threading.current_thread() is threading.main_thread():
+      for signum in (signal.SIGTERM, signal.SIGINT):
+        self._previous[signum] = signal.signal(signum, self._handle)
+    return self
+
+  def install_again(self) -> None:
+    for signum in self._previous:
+      signal.signal(signum, self._handle)
+
+  def __exit__(self, *exc_info) -> None:
+    for signum, handler in self._previous.items():
+      signal.signal(signum, handler)
+
+  def _handle(self, signum, frame) -> None:
+    name = signal.Signals(signum).name
+    if self.deferred and self.signum is None:
+      self.signum = signum
+      logger.warning("%s: stopping after this step, with a checkpoint (send it again to stop at "
+                     "once, without one)", name)
+      return
+    raise Stopped(signum, f"stopped by {name}")
+
+
+def earlier_run(output_dir: Path) -> list[str]:
+  """What in ``output_dir`` is worth keeping from an earlier run: a complete checkpoint, or
+  final results. (A run that crashed before its first checkpoint leaves neither.)"""
+  found = []
+  if checkpoints_lib.has_checkpoint(output_dir / "checkpoints"):
+    found.append("checkpoints/")
+  if (output_dir / "all_results.json").is_file():
+    found.append("all_results.json")
+  return found
+
+
 def prepare_output_dir(args: TrainingArguments) -> None:
-  """Refuse to mix a new run into an old one unless asked (--resume / --overwrite_output_dir)."""
+  """Refuse to mix a new run into an earlier one unless asked (--resume continues it,
+  --overwrite_output_dir deletes it); remove what a run that never saved left behind."""
   output_dir = Path(args.output_dir)
-  checkpoints = output_dir / "checkpoints"
-  earlier = [p for p in (checkpoints, output_dir / "metrics.jsonl") if p.exists()]
-  if earlier and not args.resume:
-    if not args.overwrite_output_dir:
-      raise FileExistsError(
-          f"{output_dir} holds an earlier run ({', '.join(p.name for p in earlier)}). Pass --resume "
-          "to continue it or --overwrite_output_dir to start afresh.")
-    if jax.process_index() == 0:
-      shutil.rmtree(checkpoints, ignore_errors=True)
-      (output_dir / "metrics.jsonl").unlink(missing_ok=True)
+  if output_dir.exists() and not output_dir.is_dir():
+    raise FileExistsError(f"--output_dir {output_dir} is a file.")
+  earlier = earlier_run(output_dir)
+  if earlier and not args.resume and not args.overwrite_output_dir:
+    raise FileExistsError(
+        f"{output_dir} holds an earlier run ({', '.join(earlier)}). Pass --resume to continue it "
+        "or --overwrite_output_dir to start afresh.")
+  fresh = args.overwrite_output_dir or not earlier
+  if fresh and jax.process_index() == 0:
+    shutil.rmtree(output_dir / "checkpoints", ignore_errors=True)
+    for name in ("metrics.jsonl", "all_results.json", "train_results.json", "eval_results.json",
+                 "mask.npz", "mask_keep_fractions.json"):
+      (output_dir / name).unlink(missing_ok=True)
   output_dir.mkdir(parents=True, exist_ok=True)
+  if jax.process_count() > 1:  # no process looks at the directory before process 0 cleared it
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices("prepare_output_dir")
 
 
 def estimate_child_network(model, params, train_arrays, datasets, args: TrainingArguments,
@@ -270,8 +345,7 @@ def estimate_child_network(model, params, train_arrays, datasets, args: Training
   """CT-D: Fisher information over (a subset of) the training set, then the top
   ``reserve_p`` fraction of the entries outside ``--always_trainable`` (or, as the
   ablations of ``--child_network``, a random or the lowest-Fisher fraction)."""
-  pattern = re.compile(args.always_trainable) if args.always_trainable else None
-  always = (lambda path: bool(pattern.search(_trees.path_name(path)))) if pattern else None
+  always = always_trainable(args.always_trainable, params)
   if args.child_network == "random":  # the same budget, chosen without looking at the task
     rng = np.random.default_rng([args.seed, 2])
     scores = jax.tree.map(lambda p: rng.random(p.shape, dtype=np.float32), params)
@@ -301,6 +375,24 @@ def estimate_child_network(model, params, train_arrays, datasets, args: Training
   if args.child_network == "lowest_fisher":
     fisher = jax.tree.map(jnp.negative, fisher)
   return ct.select_child_network(fisher, args.reserve_p, always_trainable=always)
+
+
+def always_trainable(pattern: str, params: Any) -> Callable | None:
+  """``--always_trainable`` as ``select_child_network``'s predicate, refusing a pattern that
+  matches no parameter (a typo) or every parameter (nothing left to choose from)."""
+  if not pattern:
+    return None
+  regex = re.compile(pattern)
+  names = [name for name, _ in _trees.named_leaves(params)]
+  matched = [name for name in names if regex.search(name)]
+  if not matched:
+    raise ValueError(f"--always_trainable {pattern!r} matches no parameter; parameter names look "
+                     f"like {names[0]!r} and {names[-1]!r}.")
+  if len(matched) == len(names):
+    raise ValueError(f"--always_trainable {pattern!r} matches every parameter, which leaves "
+                     "Child-Tuning-D nothing to choose from (that is vanilla fine-tuning: "
+                     "--mode vanilla).")
+  return lambda path: bool(regex.search(_trees.path_name(path)))
 
 
 def layer_of(name: str) -> str:
@@ -336,6 +428,9 @@ def evaluate(eval_step, params, arrays: dict, datasets, args: TrainingArguments,
     predictions.append(np.asarray(prediction)[:real])
   predictions = np.concatenate(predictions)
   results = {"loss": float(np.mean(np.concatenate(losses)))}
+  if not math.isfinite(results["loss"]):
+    raise Diverged(f"evaluation on {name}: the loss is {results['loss']}; the model's outputs are "
+                   "not finite, so its metrics would mean nothing.")
   results.update(compute_metrics(datasets.task_name, predictions, arrays["labels"],
                                  is_regression=datasets.is_regression))
   results["samples"] = len(predictions)
@@ -353,15 +448,23 @@ def evaluate_all(eval_step, params, eval_arrays, datasets, args, run) -> dict[st
 
 
 class MetricsLog:
-  """``metrics.jsonl``: one JSON object per training step (and per evaluation)."""
+  """``metrics.jsonl``: one JSON object per training step (and per evaluation).
 
-  def __init__(self, path: Path, *, keep_until_step: int, enabled: bool):
+  Resuming from the checkpoint of step ``k`` keeps what the log held at that checkpoint: the
+  steps up to ``k`` and the evaluations before it (an evaluation of step ``k`` is written
+  before its checkpoint, except the final one, which comes after the last checkpoint).
+  """
+
+  def __init__(self, path: Path, *, keep_until_step: int, final_step: int, enabled: bool):
     self.path, self.enabled = path, enabled
     if enabled and path.exists():
-      # A resumed run re-takes the steps after its checkpoint; drop their old lines.
-      kept = [line for line in path.read_text().splitlines()
-              if line.strip() and json.loads(line)["step"] <= keep_until_step]
-      path.write_text("".join(line + "\n" for line in kept))
+      def kept(record):
+        if record["step"] < keep_until_step or "loss" in record:
+          return record["step"] <= keep_until_step
+        return record["step"] == keep_until_step and keep_until_step != final_step
+      lines = [line for line in path.read_text().splitlines()
+               if line.strip() and kept(json.loads(line))]
+      path.write_text("".join(line + "\n" for line in lines))
 
   def write(self, record: dict) -> None:
     if self.enabled:
@@ -375,78 +478,237 @@ class MetricsLog:
     return [r["loss"] for r in records if "loss" in r]
 
 
+# Flags that change what the train state holds: a checkpoint of another value cannot be resumed.
+STATE_FLAGS = ("model_name_or_path", "task_name", "train_file", "mode", "top_k_layers",
+               "mixout_p", "recadam_k", "decay_to_pretrained", "max_grad_norm", "weight_decay")
+# Flags that do not change the result of a resumed run.
+IGNORED_ON_RESUME = ("resume", "overwrite_output_dir", "output_dir", "disable_tqdm", "eval_steps",
+                     "save_steps", "save_total_limit", "num_devices", "jax_distributed",
+                     "coordinator_address", "num_processes", "process_id",
+                     "heartbeat_timeout_seconds")
+PATH_FLAGS = ("model_name_or_path", "train_file", "validation_file", "extra_eval_files")
+
+
+def normalized_flags(flags: dict) -> dict:
+  """Paths that exist as absolute real paths, so that one file spelled two ways compares equal."""
+  def real(value):
+    return str(Path(value).resolve()) if isinstance(value, str) and Path(value).exists() else value
+  return {name: ([real(v) for v in value] if isinstance(value, list) else real(value))
+          if name in PATH_FLAGS else value for name, value in flags.items()}
+
+
+class Saver:
+  """Writes checkpoints of finite states only, and says plainly when writing fails."""
+
+  def __init__(self, manager, flags: dict, batch_size: int):
+    self.manager = manager
+    self.metadata = {"flags": normalized_flags(flags), "batch_size": batch_size}
+    self.last_step = manager.latest_step()
+
+  def save(self, state: TrainState) -> None:
+    step = int(state.step)
+    if step == self.last_step:
+      return
+    if not bool(_all_finite(state.params)):
+      raise Diverged(f"after step {step} a parameter is NaN or infinite; it is not saved. "
+                     + self.kept())
+    # Refused here, a full disk gets one clear message instead of orbax's failing writer threads.
+    needed = sum(x.nbytes for x in jax.tree.leaves(checkpoints_lib.key_data(state)))
+    free = free_bytes(self.manager.directory)
+    if free < 1.1 * needed + 2**16:
+      raise OSError(errno.ENOSPC, f"the checkpoint of step {step} needs about "
+                    f"{needed / 2**20:.1f} MiB, but {self.manager.directory} has "
+                    f"{free / 2**20:.1f} MiB free. {self.kept()} Free space (a lower "
+                    "--save_total_limit keeps fewer checkpoints), then continue with --resume")
+    with self._errors(step):
+      checkpoints_lib.save(self.manager, step, state, {"step": step, **self.metadata})
+    self.last_step = step
+
+  def kept(self) -> str:
+    return (f"The last checkpoint, of step {self.last_step}, is kept." if self.last_step is not None
+            else "No checkpoint was written.")
+
+  def close(self) -> None:
+    """Waits for the checkpoint being written in the background, then releases the manager."""
+    with self._errors(self.last_step):
+      self.manager.wait_until_finished()
+    self.manager.close()
+
+  @contextlib.contextmanager
+  def _errors(self, step):
+    try:
+      yield
+    except Exception as error:
+      # Orbax (and tensorstore under it) wrap a file system's error (a full disk, a permission)
+      # in their own exception types; tensorstore marks it with "os_error_code".
+      chain = [error]
+      while chain[-1].__cause__ is not None or chain[-1].__context__ is not None:
+        chain.append(chain[-1].__cause__ or chain[-1].__context__)
+      cause = next((e for e in reversed(chain)
+                    if isinstance(e, OSError) or "os_error_code" in str(e)), None)
+      if cause is None:
+        raise
+      raise OSError(f"could not write the checkpoint of step {step} to {self.manager.directory}: "
+                    f"{str(cause).splitlines()[0]}. Free space (a lower --save_total_limit keeps "
+                    "fewer checkpoints), then continue with --resume (the last complete checkpoint "
+                    "is used).") from None
+
+
+def free_bytes(directory: Path) -> int:
+  return shutil.disk_usage(directory).free
+
+
+@jax.jit
+def _all_finite(params) -> jax.Array:
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(params)]))
+
+
+@dataclasses.dataclass(frozen=True)
+class Steps:
+  """How many optimizer steps a run takes, and of what size."""
+
+  total: int
+  per_epoch: int
+  batch_size: int  # the global batch: per device x devices
+
+
+def train_loop(state: TrainState, train_step, evaluate_params: Callable, train_arrays: dict,
+               steps: Steps, args: TrainingArguments, run: Run, log: MetricsLog, saver: Saver,
+               signals: StopSignals) -> TrainState:
+  """Steps from ``state.step`` to ``steps.total``: logs every step, evaluates every
+  ``--eval_steps``, saves every ``--save_steps`` and at the end.
+
+  A step's metrics are read after the next step is dispatched (so the device never waits
+  for the host). They are checked before the state they led to is saved: a non-finite loss
+  or gradient norm raises :class:`Diverged`, and nothing after the last good checkpoint is
+  saved. A stop signal is passed through the step to every process; all then finish the
+  step they are in, save it and raise :class:`Stopped`.
+  """
+  start_step = int(state.step)
+  bar = tqdm(total=steps.total, initial=start_step, desc="train", unit="step",
+             disable=not run.progress)
+
+  def finish(step_metrics, step, seconds) -> bool:
+    """Checks and logs one step's metrics; returns whether a process asked to stop."""
+    values = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+    stop = values.pop("stop_requested", 0.0) > 0
+    if not (math.isfinite(values["loss"]) and math.isfinite(values["grad_norm"])):
+      remedies = [f"a lower --learning_rate (now {args.learning_rate:g})"]
+      if args.warmup_ratio == 0 and args.warmup_steps == 0:
+        remedies.append("a warmup (--warmup_ratio 0.1)")
+      if args.max_grad_norm == 0:
+        remedies.append("gradient clipping (--max_grad_norm 1)")
+      raise Diverged(
+          f"step {step}: the loss is {values['loss']} and the gradient norm "
+          f"{values['grad_norm']}: training diverged. {saver.kept()} Try {', '.join(remedies)}, "
+          "or look for extreme values in the training data.")
+    log.write({"step": step, "epoch": round(step / steps.per_epoch, 4), **values,
+               "examples_per_second": round(steps.batch_size / seconds, 2)})
+    bar.set_postfix(loss=f"{values['loss']:.4f}", ex_s=f"{steps.batch_size / seconds:.1f}")
+    return stop
+
+  order_epoch, order = None, None
+  pending = None  # the previous step's metrics, read after the next step is dispatched
+  stop = False
+  signals.deferred = True
+  try:
+    step_started = time.perf_counter()
+    for step in range(start_step, steps.total):
+      epoch, position = divmod(step, steps.per_epoch)
+      if epoch != order_epoch:
+        order_epoch = epoch
+        order = list(batch_indices(len(train_arrays["labels"]), steps.batch_size, seed=args.seed,
+                                   epoch=epoch))
+      batch = input_pipeline.take(train_arrays, order[position])
+      batch["stop_requested"] = np.full(steps.batch_size, signals.signum is not None, np.int32)
+      state, metrics = train_step(state, input_pipeline.place(batch, run.data))
+      if pending is not None:
+        stop |= finish(*pending)
+      now = time.perf_counter()
+      done = step + 1
+      pending = (metrics, done, now - step_started)
+      step_started = now
+      bar.update(1)
+      saving = done % args.save_steps == 0 or done == steps.total
+      evaluating = args.eval_steps and done % args.eval_steps == 0 and done != steps.total
+      if saving or evaluating or stop:  # the log then holds every step up to the checkpoint
+        stop |= finish(*pending)
+        pending = None
+      if evaluating:  # before the checkpoint: a resume from it finds the evaluation logged
+        log.write({"step": done, **evaluate_params(state.params)})
+      if saving or stop:
+        saver.save(state)
+      if stop:
+        break
+  finally:
+    signals.deferred = False
+    bar.close()
+  if stop:
+    signum = signals.signum or signal.SIGTERM
+    who = (signal.Signals(signum).name if signals.signum is not None
+           else "a signal to another process")
+    raise Stopped(signum, f"stopped by {who} after step {int(state.step)}, with a checkpoint of "
+                  "it: continue with the same command and --resume.", agreed=True)
+  return state
+
+
 # ----------------------------------------------------------------------------- the run
 
 
 def train_and_evaluate(model_args: ModelArguments, data_args: DataArguments,
                        args: TrainingArguments) -> dict[str, float]:
-  """Fine-tunes and evaluates as the flags say; returns the final ``all_results``."""
-  if args.jax_distributed:
-    jax.distributed.initialize()
-  check_method_flags(args)
+  """Fine-tunes and evaluates as the flags say; returns the final ``all_results``.
+
+  Raises :class:`Stopped` on SIGTERM/SIGINT (after saving, inside the training loop) and
+  :class:`Diverged` on a non-finite loss; with several processes, a process that fails
+  alone tells the others, which stop too (``train/distributed.py``).
+  """
+  with StopSignals() as signals:
+    try:
+      return _train_and_evaluate(model_args, data_args, args, signals)
+    except BaseException as error:
+      if not (getattr(error, "agreed", False) or isinstance(error, Diverged)):
+        distributed.report_failure(error)  # every process reaches the other two together
+      raise
+
+
+def _train_and_evaluate(model_args, data_args, args, signals) -> dict[str, float]:
+  distributed.initialize(args)
+  signals.install_again()
   prepare_output_dir(args)
   run = Run(args)
-  run.write_json("run_args.json", as_dict(model_args, data_args, args))
+  flags = as_dict(model_args, data_args, args)
 
-  default_data = not (data_args.task_name or data_args.train_file)
-  max_train_samples = data_args.max_train_samples
-  max_seq_length = data_args.max_seq_length or 128
-  if default_data:
-    max_train_samples = max_train_samples or DEFAULT_DATA_MAX_TRAIN_SAMPLES
-    max_seq_length = data_args.max_seq_length or DEFAULT_DATA_MAX_SEQ_LENGTH
-    logger.info("No --task_name or --train_file: fine-tuning on the embedded Rotten Tomatoes "
-                "reviews, %d training examples, max_seq_length %d (for a run of minutes on a CPU).",
-                max_train_samples, max_seq_length)
-  datasets = input_pipeline.load_datasets(
-      task_name=data_args.task_name, train_file=data_args.train_file,
-      validation_file=data_args.validation_file, extra_eval_files=data_args.extra_eval_files,
-      max_train_samples=max_train_samples, max_eval_samples=data_args.max_eval_samples,
-      seed=args.seed)
-
-  model_path = resolve_checkpoint(model_args.model_name_or_path or embedded_model_path())
-  from transformers import AutoTokenizer  # only the trainer needs transformers
-
-  tokenizer = AutoTokenizer.from_pretrained(model_path)
-  train_arrays, eval_arrays = input_pipeline.tokenize(datasets, tokenizer, max_seq_length)
-  check_method_flags(args, datasets.is_regression)
-  model, params, loading = load_pretrained(model_path, datasets.num_labels, seed=args.seed,
-                                           output_loading_info=True)
-  not_pretrained = set(loading["missing_keys"])  # incl. a head re-initialised for its shape
-  from_checkpoint = lambda name: name not in not_pretrained  # a fresh head has no w0
-
-  batch_size = args.per_device_train_batch_size * run.num_devices
-  steps_per_epoch = len(train_arrays["labels"]) // batch_size
-  if steps_per_epoch == 0 and args.do_train:
-    raise ValueError(f"{len(train_arrays['labels'])} training examples are fewer than one batch "
-                     f"({args.per_device_train_batch_size} per device x {run.num_devices} devices).")
-  steps_per_epoch = max(steps_per_epoch, 1)  # without training: only names the schedule
-  total_steps = (args.max_steps if args.max_steps > 0
-                 else math.ceil(args.num_train_epochs * steps_per_epoch))
-  schedule = learning_rate_schedule(args, total_steps)
+  datasets, train_arrays, eval_arrays, model, params, from_checkpoint = load_data_and_model(
+      model_args, data_args, args)
+  steps = plan_steps(args, run, len(train_arrays["labels"]))
+  schedule = learning_rate_schedule(args, steps.total)
   dropout_key, ctf_key = jax.random.split(jax.random.key(args.seed))
 
   checkpoints = (checkpoints_lib.manager(run.output_dir / "checkpoints", args.save_total_limit)
                  if args.do_train else None)
   resuming = checkpoints is not None and args.resume and checkpoints.latest_step() is not None
+  if resuming:
+    check_resumable(checkpoints, flags, steps.batch_size)
+  run.write_json("run_args.json", flags)
+
   mask, child_network_runtime = None, None
   if args.mode == "ChildTuning-D":
     if resuming:  # the child network comes back with the optimizer state
       mask = jax.tree.map(lambda p: np.ones(p.shape, bool), params)
     else:
       started = time.perf_counter()
-      mask = estimate_child_network(model, jax.device_put(params, run.replicated), train_arrays,
-                                    datasets, args, run)
+      mask = estimate_child_network(model, checkpoints_lib.place(params, run.replicated),
+                                    train_arrays, datasets, args, run)
       child_network_runtime = round(time.perf_counter() - started, 3)
   tx = optimizer(args, schedule, params, key=ctf_key, mask=mask, from_checkpoint=from_checkpoint)
   # Mixout's w0 is a copy: the state is donated to the step, and a buffer cannot be donated twice.
   pretrained = jax.tree.map(jnp.array, params) if args.mixout_p else None
-  state = jax.device_put(TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                                    opt_state=tx.init(params), dropout_key=dropout_key,
-                                    pretrained=pretrained),
-                         run.replicated)
+  state = checkpoints_lib.place(
+      TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                 dropout_key=dropout_key, pretrained=pretrained), run.replicated)
   if resuming:
-    state, metadata = checkpoints_lib.restore_latest(checkpoints, state)
-    _warn_on_changed_flags(metadata.get("flags", {}), as_dict(model_args, data_args, args))
+    state = restore(checkpoints, state)
   if args.mode == "ChildTuning-D":
     write_child_network(child_network_of(state.opt_state), run)
 
@@ -454,98 +716,50 @@ def train_and_evaluate(model_args: ModelArguments, data_args: DataArguments,
       model, tx, schedule, is_regression=datasets.is_regression, mixout_p=args.mixout_p,
       mixout_where=lambda name: name.endswith("/kernel") and from_checkpoint(name),
       r3f=(args.r3f_sigma, args.r3f_noise, args.r3f_lambda) if args.r3f_sigma > 0 else None)
-  train_step = jax.jit(step_fn,
-                       in_shardings=(run.replicated, run.data), out_shardings=run.replicated,
-                       donate_argnums=0)
+  train_step = compile_train_step(step_fn, run)
   eval_step = jax.jit(make_eval_step(model, is_regression=datasets.is_regression),
                       in_shardings=(run.replicated, run.data), out_shardings=run.replicated)
+  evaluate_params = lambda params: evaluate_all(eval_step, params, eval_arrays, datasets, args, run)
 
   start_step = int(state.step)
-  log = MetricsLog(run.output_dir / "metrics.jsonl", keep_until_step=start_step, enabled=run.is_main)
-  flags = as_dict(model_args, data_args, args)
-
-  def save(state):
-    checkpoints_lib.save(checkpoints, int(state.step), state,
-                         {"step": int(state.step), "flags": flags})
-
+  log = MetricsLog(run.output_dir / "metrics.jsonl", keep_until_step=start_step,
+                   final_step=steps.total, enabled=run.is_main)
   runtime = 0.0
   if args.do_train:
     logger.info("%s: %d examples, %d devices, batch %d, %d steps (%d per epoch), from step %d",
-                args.mode, len(train_arrays["labels"]), run.num_devices, batch_size, total_steps,
-                steps_per_epoch, start_step)
+                args.mode, len(train_arrays["labels"]), run.num_devices, steps.batch_size,
+                steps.total, steps.per_epoch, start_step)
+    saver = Saver(checkpoints, flags, steps.batch_size)
     started = time.perf_counter()
-    bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step",
-               disable=not run.progress)
-    order_epoch, order = None, None
-    pending = None  # the previous step's metrics, read after the next step is dispatched
-
-    def record(step_metrics, step, seconds):
-      values = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
-      log.write({"step": step, "epoch": round(step / steps_per_epoch, 4), **values,
-                 "examples_per_second": round(batch_size / seconds, 2)})
-      bar.set_postfix(loss=f"{values['loss']:.4f}", ex_s=f"{batch_size / seconds:.1f}")
-
-    stop_on_sigterm = _StopOnSigterm()
     try:
-      step_started = time.perf_counter()
-      for step in range(start_step, total_steps):
-        epoch, position = divmod(step, steps_per_epoch)
-        if epoch != order_epoch:
-          order_epoch = epoch
-          order = list(batch_indices(len(train_arrays["labels"]), batch_size, seed=args.seed,
-                                     epoch=epoch))
-        batch = input_pipeline.take(train_arrays, order[position])
-        state, metrics = train_step(state, input_pipeline.place(batch, run.data))
-        if pending is not None:
-          record(*pending)
-        now = time.perf_counter()
-        pending = (metrics, step + 1, now - step_started)
-        step_started = now
-        bar.update(1)
-        done = step + 1
-        saving = done % args.save_steps == 0 or done == total_steps
-        evaluating = args.eval_steps and done % args.eval_steps == 0 and done != total_steps
-        if saving or evaluating:  # the log then holds every step up to the checkpoint
-          record(*pending)
-          pending = None
-        if saving:
-          save(state)
-        if evaluating:
-          log.write({"step": done, **evaluate_all(eval_step, state.params, eval_arrays, datasets,
-                                                  args, run)})
-    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (a preempted TPU VM, a cluster's time limit)
-      logger.warning("interrupted; saving a checkpoint at step %d (resume with --resume)",
-                     int(state.step))
-      save(state)
-      raise
+      state = train_loop(state, train_step, evaluate_params, train_arrays, steps, args, run, log,
+                         saver, signals)
     finally:
-      stop_on_sigterm.restore()
-      bar.close()
-      checkpoints.wait_until_finished()
-      checkpoints.close()
+      saver.close()
     runtime = time.perf_counter() - started
 
   results = {}
   if args.do_eval:
-    results = evaluate_all(eval_step, state.params, eval_arrays, datasets, args, run)
+    results = evaluate_params(state.params)
     if args.prune_at_eval:  # Table 5's "Prune": the weights outside the child network set to 0
       mask = child_network_of(state.opt_state)
       pruned = jax.tree.map(lambda p, keep: jnp.where(keep, p, 0), state.params, mask)
       name, arrays = next(iter(eval_arrays.items()))
       results.update({f"eval_pruned_{metric}": value for metric, value in
                       evaluate(eval_step, pruned, arrays, datasets, args, run, f"{name} pruned").items()})
-    log.write({"step": total_steps, **results})
+    log.write({"step": steps.total, **results})
   all_results = dict(results)
   if args.do_train:
     losses = log.train_losses()
-    steps_run = total_steps - start_step
+    steps_run = steps.total - start_step
     train_results = {
         "train_loss": float(np.mean(losses)) if losses else float("nan"),
         "train_runtime": round(runtime, 3),
         "train_samples": len(train_arrays["labels"]),
-        "train_steps": total_steps,
-        "train_samples_per_second": round(steps_run * batch_size / runtime, 3) if steps_run else 0.0,
-        "epoch": round(total_steps / steps_per_epoch, 4),
+        "train_steps": steps.total,
+        "train_samples_per_second": (round(steps_run * steps.batch_size / runtime, 3)
+                                     if steps_run else 0.0),
+        "epoch": round(steps.total / steps.per_epoch, 4),
     }
     if child_network_runtime is not None:  # CT-D: Fisher pass and selection, before training
       train_results["child_network_runtime"] = child_network_runtime
@@ -557,29 +771,83 @@ def train_and_evaluate(model_args: ModelArguments, data_args: DataArguments,
   return all_results
 
 
-class _StopOnSigterm:
-  """While training, SIGTERM stops the loop as Ctrl-C does, so the state is saved first."""
+def load_data_and_model(model_args: ModelArguments, data_args: DataArguments,
+                        args: TrainingArguments):
+  """The data sets (tokenised) and the pretrained model, every check that needs them done
+  before any training: ``(datasets, train_arrays, eval_arrays, model, params,
+  from_checkpoint)``, where ``from_checkpoint(name)`` says whether a leaf was pretrained."""
+  model_path = resolve_checkpoint(model_args.model_name_or_path or embedded_model_path())
+  config = load_config(model_path)  # refuses a directory without config.json or weights
+  default_data = not (data_args.task_name or data_args.train_file)
+  max_train_samples = data_args.max_train_samples
+  max_seq_length = data_args.max_seq_length or min(128, config.max_tokens)
+  if default_data:
+    max_train_samples = max_train_samples or DEFAULT_DATA_MAX_TRAIN_SAMPLES
+    max_seq_length = data_args.max_seq_length or DEFAULT_DATA_MAX_SEQ_LENGTH
+    logger.info("No --task_name or --train_file: fine-tuning on the embedded Rotten Tomatoes "
+                "reviews, %d training examples, max_seq_length %d (for a run of minutes on a CPU).",
+                max_train_samples, max_seq_length)
+  datasets = input_pipeline.load_datasets(
+      task_name=data_args.task_name, train_file=data_args.train_file,
+      validation_file=data_args.validation_file, extra_eval_files=data_args.extra_eval_files,
+      max_train_samples=max_train_samples, max_eval_samples=data_args.max_eval_samples,
+      seed=args.seed)
+  logger.info("%s", input_pipeline.describe(datasets))
+  check_flags_against_data(args, data_args, datasets, config)
+  tokenizer = input_pipeline.load_tokenizer(model_path)
+  train_arrays, eval_arrays = input_pipeline.tokenize(
+      datasets, tokenizer, max_seq_length, vocab_size=config.vocab_size,
+      type_vocab_size=config.type_vocab_size)
+  model, params, loading = load_pretrained(model_path, datasets.num_labels, seed=args.seed,
+                                           output_loading_info=True)
+  if args.mode == "ChildTuning-D":
+    always_trainable(args.always_trainable, params)  # a bad pattern fails now, not after the Fisher pass
+  not_pretrained = set(loading["missing_keys"])  # incl. a head re-initialised for its shape
+  from_checkpoint = lambda name: name not in not_pretrained  # a fresh head has no w0
+  return datasets, train_arrays, eval_arrays, model, params, from_checkpoint
 
-  def __init__(self):
-    self.previous = None
-    if threading.current_thread() is threading.main_thread():
-      self.previous = signal.signal(signal.SIGTERM, self._raise)
 
-  @staticmethod
-  def _raise(signum, frame):
-    raise KeyboardInterrupt(f"signal {signum}")
-
-  def restore(self) -> None:
-    if self.previous is not None:
-      signal.signal(signal.SIGTERM, self.previous)
+def plan_steps(args: TrainingArguments, run: Run, num_examples: int) -> Steps:
+  batch_size = args.per_device_train_batch_size * run.num_devices
+  per_epoch = num_examples // batch_size
+  if per_epoch == 0 and args.do_train:
+    raise ValueError(f"{num_examples} training examples are fewer than one batch "
+                     f"({args.per_device_train_batch_size} per device x {run.num_devices} devices).")
+  per_epoch = max(per_epoch, 1)  # without training: only names the schedule
+  total = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * per_epoch)
+  return Steps(total=total, per_epoch=per_epoch, batch_size=batch_size)
 
 
-def _warn_on_changed_flags(saved: dict, current: dict) -> None:
-  ignore = {"resume", "overwrite_output_dir", "output_dir", "disable_tqdm", "eval_steps",
-            "save_steps", "save_total_limit"}
-  changed = {k: (saved[k], current.get(k)) for k in saved
-             if k not in ignore and saved[k] != current.get(k)}
+def check_resumable(checkpoints, flags: dict, batch_size: int) -> None:
+  """Refuses to resume a checkpoint written with other flags that shape the train state (its
+  restore could not work, or would mix two runs); warns about other differences."""
+  metadata = checkpoints_lib.latest_metadata(checkpoints) or {}
+  saved, current = normalized_flags(metadata.get("flags", {})), normalized_flags(flags)
+  changed = {name: (saved[name], current.get(name)) for name in saved
+             if name not in IGNORED_ON_RESUME and saved[name] != current.get(name)}
+  described = ", ".join(f"--{name} {old!r} -> {new!r}" for name, (old, new) in changed.items())
+  blocking = [name for name in changed if name in STATE_FLAGS]
+  if blocking:
+    raise ValueError(
+        f"--resume: the checkpoint in {checkpoints.directory} (step {checkpoints.latest_step()}) "
+        f"was written by a run with other flags: {described}. Resume with that run's flags, or "
+        "start afresh with --overwrite_output_dir.")
+  if "batch_size" in metadata and metadata["batch_size"] != batch_size:
+    changed["global batch size"] = (metadata["batch_size"], batch_size)
+    described = ", ".join(f"{name}: {old!r} -> {new!r}" for name, (old, new) in changed.items())
   if changed:
     logger.warning("resuming with flags that differ from the checkpoint's run, so the result will "
-                   "differ from an uninterrupted run: %s",
-                   ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items()))
+                   "differ from an uninterrupted run: %s", described)
+
+
+def restore(checkpoints, state: TrainState) -> TrainState:
+  """The latest checkpoint, placed as ``state``; a clear error if it does not fit."""
+  try:
+    restored, _ = checkpoints_lib.restore_latest(checkpoints, state)
+  except Exception as error:  # orbax's message names its internals, not the cause
+    raise ValueError(
+        f"--resume: the checkpoint of step {checkpoints.latest_step()} in {checkpoints.directory} "
+        "does not fit this run's model and optimizer (another model, number of labels or "
+        f"method?): {type(error).__name__}: {str(error).splitlines()[0][:300]}. Resume with the "
+        "checkpoint's own model and flags, or start afresh with --overwrite_output_dir.") from None
+  return restored

@@ -107,6 +107,13 @@ class EncoderConfig:
     """One output: a regression head (Hugging Face's convention)."""
     return self.num_labels == 1
 
+  @property
+  def max_tokens(self) -> int:
+    """The longest input the position embeddings cover (RoBERTa's positions start after
+    ``pad_token_id``)."""
+    offset = self.pad_token_id + 1 if self.model_type == "roberta" else 0
+    return self.max_position_embeddings - offset
+
 
 def _dense(config: EncoderConfig, features: int, name: str) -> nn.Dense:
   # dense_dot_general: the same product, with a backward pass that runs faster on CPU (matmul.py).

