@@ -3,7 +3,11 @@ against the runs' own results, the probes, the figures and RESULTS.md, on a tiny
 
 import csv
 import json
+import os
+import signal
 import sys
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -14,6 +18,8 @@ pytest.importorskip("matplotlib")
 
 import tiny_run  # noqa: E402
 from train import experiments, run_glue  # noqa: E402
+
+REAL_RUN_TRAINER = experiments.run_trainer  # the campaign fixture runs the trainer in-process
 
 
 def test_mean_max_and_paired_deltas():
@@ -182,3 +188,40 @@ def test_a_diverging_run_is_reported_as_failed(campaign, monkeypatch):
   with pytest.raises(RuntimeError, match=r"2 run\(s\) failed: .*diverges seed 0.*diverges seed 1"):
     experiments.main(["methods", *argv])
   assert not (tmp_path / "root" / "runs" / "diverges" / "seed_0" / "all_results.json").exists()
+
+
+FAKE_TRAINER = """
+import pathlib, signal, sys, time
+out = pathlib.Path(sys.argv[1])
+out.mkdir(parents=True, exist_ok=True)
+def stop(signum, frame):
+  (out / "saved").write_text(str(signum))
+  sys.exit(128 + signum)
+signal.signal(signal.SIGTERM, stop)
+(out / "started").write_text("")
+time.sleep(120)
+"""
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_stopped_campaign_stops_its_runs_cleanly_and_starts_no_more(campaign, monkeypatch, signum):
+  tmp_path, argv, calls = campaign
+  monkeypatch.setattr(experiments, "run_trainer", REAL_RUN_TRAINER)
+  monkeypatch.setattr(experiments.Setting, "command", lambda self, cell, seed: [
+      sys.executable, "-c", FAKE_TRAINER, str(self.run_dir(cell.name, seed))])
+  runs = tmp_path / "root" / "runs"
+
+  def signal_when_both_started():
+    deadline = time.monotonic() + 60
+    while len(list(runs.glob("*/*/started"))) < 2 and time.monotonic() < deadline:
+      time.sleep(0.05)
+    os.kill(os.getpid(), signum)
+  threading.Thread(target=signal_when_both_started, daemon=True).start()
+  with pytest.raises(KeyboardInterrupt):
+    experiments.main(["methods", *argv, "--jobs", "2"])
+  started = sorted(p.parent for p in runs.glob("*/*/started"))
+  assert len(started) == 2  # of 6 runs: no run starts after the signal
+  # Each running trainer got one SIGTERM (not Ctrl-C's SIGINT as well: a second signal would
+  # stop it without saving) and the campaign waited for it to save.
+  assert [(p / "saved").read_text() for p in started] == [str(int(signal.SIGTERM))] * 2
+  assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL

@@ -36,8 +36,10 @@ import logging
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -167,12 +169,40 @@ def _jax_env(setting: Setting) -> dict[str, str]:
   return env
 
 
+_running: set[subprocess.Popen] = set()  # the trainer processes started by run_trainer
+_running_lock = threading.Lock()
+_stopping = threading.Event()  # the campaign was asked to stop: start no more runs
+
+
 def run_trainer(command: list[str], log: Path, env: dict[str, str]) -> int:
   """Runs one trainer command in a process of its own, its output appended to ``log``;
-  returns its exit status (tests replace this function to run the trainer in-process)."""
+  returns its exit status (tests replace this function to run the trainer in-process).
+
+  The process gets a session of its own, so that Ctrl-C in the campaign's terminal does not
+  reach it directly: :func:`stop_trainers` passes one stop signal on to every trainer.
+  """
   with open(log, "a") as file:
-    return subprocess.run(command, stdout=file, stderr=subprocess.STDOUT, cwd=REPO,
-                          env=env).returncode
+    process = subprocess.Popen(command, stdout=file, stderr=subprocess.STDOUT, cwd=REPO, env=env,
+                               start_new_session=True)
+  with _running_lock:
+    _running.add(process)
+  try:
+    return process.wait()
+  finally:
+    with _running_lock:
+      _running.discard(process)
+
+
+def stop_trainers() -> int:
+  """Sends SIGTERM to every running trainer (each finishes its step, saves a checkpoint and
+  exits) and waits for them; returns how many there were."""
+  with _running_lock:
+    processes = list(_running)
+  for process in processes:
+    process.send_signal(signal.SIGTERM)
+  for process in processes:
+    process.wait()
+  return len(processes)
 
 
 def run_one(setting: Setting, command: list[str], output_dir: Path, *, keep_checkpoint: bool,
@@ -210,6 +240,8 @@ def run_cells(setting: Setting, cell_names: Sequence[str]) -> None:
   failed = []
 
   def job(number, seed, cell):
+    if _stopping.is_set():
+      return
     output_dir = setting.run_dir(cell.name, seed)
     label = f"[{number}/{len(jobs)}] {cell.name} seed {seed}"
     done_before = (output_dir / "all_results.json").exists()
@@ -218,8 +250,9 @@ def run_cells(setting: Setting, cell_names: Sequence[str]) -> None:
       results = run_one(setting, setting.command(cell, seed), output_dir,
                         keep_checkpoint=cell.keep_checkpoint, label=label)
     except RuntimeError as error:  # one failed run does not stop a campaign of hours
-      logger.error("%s", error)
-      failed.append(label)
+      if not _stopping.is_set():
+        logger.error("%s", error)
+        failed.append(label)
       return
     if results is not None:
       score = {k: round(v, 4) for k, v in results.items() if k in PRIMARY_METRICS}
@@ -227,9 +260,16 @@ def run_cells(setting: Setting, cell_names: Sequence[str]) -> None:
                   " (done before)" if done_before else f" in {time.perf_counter() - started:.0f} s")
 
   with concurrent.futures.ThreadPoolExecutor(max(1, setting.jobs)) as pool:
-    for future in [pool.submit(job, number, seed, cell)
-                   for number, (seed, cell) in enumerate(jobs, 1)]:
-      future.result()
+    futures = [pool.submit(job, number, seed, cell) for number, (seed, cell) in enumerate(jobs, 1)]
+    try:
+      for future in futures:
+        future.result()
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (see main): stop the runs, keep their work
+      _stopping.set()
+      pool.shutdown(wait=False, cancel_futures=True)
+      logger.warning("stopping: %d run(s) save a checkpoint and stop; the same command continues "
+                     "the campaign", stop_trainers())
+      raise
   if failed:
     raise RuntimeError(f"{len(failed)} run(s) failed: {', '.join(sorted(failed))}. Run the same "
                        "command again to retry them (finished runs are skipped).")
@@ -852,7 +892,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     logging.getLogger(noisy).setLevel(logging.WARNING)
   experiments, setting = parse(argv)
   cells = [name for experiment in experiments for name in EXPERIMENT_CELLS.get(experiment, [])]
-  run_cells(setting, cells)
+  _stopping.clear()
+  stop = signal.getsignal(signal.SIGTERM)
+  if threading.current_thread() is threading.main_thread():  # SIGTERM stops as Ctrl-C does
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+  try:
+    run_cells(setting, cells)
+  finally:
+    if threading.current_thread() is threading.main_thread():
+      signal.signal(signal.SIGTERM, stop)
   if setting.dry_run:
     if "overlap" in experiments:
       overlap_masks(setting)
@@ -864,4 +912,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-  main()
+  try:
+    main()
+  except KeyboardInterrupt:
+    sys.exit(130)
