@@ -14,7 +14,6 @@ from typing import Any, Callable, Iterable, Iterator, Literal, Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm.auto import tqdm
 
 from childtuning_jax import _trees
 
@@ -86,7 +85,7 @@ def estimate_fisher(
       and must add ``row_offsets[table_path]`` (zeros, ``[batch, length,
       dim]``) to the rows it looks up (with Flax Linen: ``Module.perturb``).
       Only for ``per_example=True``.
-    progress: show a progress bar (examples, examples/s).
+    progress: show a progress bar (examples, examples/s) if tqdm is installed.
 
   Returns:
     A float32 pytree with the structure and shapes of ``params``.
@@ -139,7 +138,7 @@ def estimate_fisher(
   total = zeros()
   batch_grad, batch_examples = (None, 0) if per_example else (zeros(), 0)
   num_examples = num_batches = 0
-  bar = tqdm(desc="Fisher", unit="ex", disable=not progress, dynamic_ncols=True)
+  bar = _progress_bar(progress)
   chunks = _padded_chunks(batches, chunk_size, keep_batches_apart=not per_example)
   for chunk_index, (chunk, num_valid, ends_batch) in enumerate(chunks):
     weights = (np.arange(chunk_size) < num_valid).astype(np.float32)
@@ -336,3 +335,22 @@ def _batch_size(batch: Any, index: int) -> int:
   if len(set(sizes.values())) > 1:
     raise ValueError(f"batch {index}: leaves have different batch sizes {sizes}.")
   return next(iter(sizes.values()))
+
+
+class _NoBar:
+  def update(self, count):
+    pass
+
+  def close(self):
+    pass
+
+
+def _progress_bar(progress: bool):
+  """tqdm's bar when asked for and installed (it is optional for the library), else nothing."""
+  if progress:
+    try:
+      from tqdm.auto import tqdm
+    except ImportError:
+      return _NoBar()
+    return tqdm(desc="Fisher", unit="ex", dynamic_ncols=True)
+  return _NoBar()

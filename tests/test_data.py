@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from childtuning_jax.data import GLUE_TASKS, batch_indices, load_glue, load_local
+from train.text_datasets import GLUE_TASKS, batch_indices, load_glue, load_local
 
 
 def _write_csv(path, header, rows):
@@ -129,7 +129,7 @@ def test_glue_tasks_cover_the_paper_and_fail_clearly_offline():
 
 def test_encode_pads_pairs_to_a_fixed_length_with_the_embedded_tokenizer(tmp_path):
   transformers = pytest.importorskip("transformers")
-  from childtuning_jax.data import encode
+  from train.text_datasets import encode
   from childtuning_jax.models import embedded_model_path
 
   tokenizer = transformers.AutoTokenizer.from_pretrained(embedded_model_path())
@@ -184,7 +184,7 @@ def test_empty_texts_are_refused_and_a_byte_order_mark_is_not_data(tmp_path):
 
 def test_glue_splits_skip_and_count_empty_texts_and_missing_scores(caplog):
   datasets = pytest.importorskip("datasets")
-  from childtuning_jax.data import glue_split
+  from train.text_datasets import glue_split
 
   columns = datasets.Dataset.from_dict({"sentence1": ["a", "", "c", "d"], "sentence2": ["w", "x", "y", "z"],
                                         "label": [0.5, 1.0, float("nan"), 4.0]})

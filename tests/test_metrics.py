@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from childtuning_jax.metrics import compute_metrics, f1, matthews_correlation, pearson, spearmanr
+from train.metrics import compute_metrics, f1, matthews_correlation, pearson, spearmanr
 
 
 def _random_binary(seed, n=200):

@@ -2,7 +2,7 @@
 
 import pytest
 
-from childtuning_jax.data import load_local
+from train.text_datasets import load_local
 from train import prepare_data
 
 

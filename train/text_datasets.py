@@ -78,7 +78,7 @@ def load_glue(task_name: str) -> tuple[dict[str, TextDataset], GlueTask]:
     OSError: when the Hub cannot be reached; the message says to use local files.
 
   Examples:
-    >>> from childtuning_jax.data import load_glue
+    >>> from train.text_datasets import load_glue
     >>> splits, task = load_glue("rte")  # doctest: +SKIP
     >>> len(splits["train"]), task.num_labels  # doctest: +SKIP
     (2490, 2)
@@ -107,7 +107,7 @@ def glue_split(name: str, columns: Any, task: GlueTask) -> TextDataset:
 
   Examples:
     >>> import datasets
-    >>> from childtuning_jax.data import GLUE_TASKS, glue_split
+    >>> from train.text_datasets import GLUE_TASKS, glue_split
     >>> columns = datasets.Dataset.from_dict({"sentence": ["a fine film", " "], "label": [1, 0]})
     >>> glue_split("sst2/train", columns, GLUE_TASKS["sst2"]).text_a
     ['a fine film']
@@ -132,7 +132,7 @@ def read_rows(path: str | os.PathLike) -> list[dict[str, Any]]:
 
   Examples:
     >>> import pathlib, tempfile
-    >>> from childtuning_jax.data import read_rows
+    >>> from train.text_datasets import read_rows
     >>> path = pathlib.Path(tempfile.mkdtemp()) / "dev.jsonl"
     >>> _ = path.write_text('{"sentence": "a fine film", "label": "positive"}\\n')
     >>> read_rows(path)
@@ -181,7 +181,7 @@ def text_columns_of(columns: Sequence[str], path: str | os.PathLike) -> tuple[st
   one or two non-label columns.
 
   Examples:
-    >>> from childtuning_jax.data import text_columns_of
+    >>> from train.text_datasets import text_columns_of
     >>> text_columns_of(["idx", "question", "sentence", "label"], "qnli.csv")
     ('sentence',)
     >>> text_columns_of(["premise", "hypothesis", "label"], "nli.csv")
@@ -218,7 +218,7 @@ def load_local(path: str | os.PathLike, *, text_columns: tuple[str, ...] | None 
 
   Examples:
     >>> import pathlib, tempfile
-    >>> from childtuning_jax.data import load_local
+    >>> from train.text_datasets import load_local
     >>> path = pathlib.Path(tempfile.mkdtemp()) / "train.csv"
     >>> _ = path.write_text("sentence,label\\na fine film,positive\\ndull,negative\\n")
     >>> data = load_local(path)
@@ -347,7 +347,7 @@ def encode(dataset: TextDataset, tokenizer: Any, max_seq_length: int) -> dict[st
   Examples:
     >>> import numpy as np
     >>> from transformers import AutoTokenizer
-    >>> from childtuning_jax.data import TextDataset, encode
+    >>> from train.text_datasets import TextDataset, encode
     >>> from childtuning_jax.models import embedded_model_path
     >>> tokenizer = AutoTokenizer.from_pretrained(embedded_model_path())
     >>> data = TextDataset("toy", ["a fine film", "dull"], None, np.array([1, 0], np.int32))
@@ -372,7 +372,7 @@ def batch_indices(num_examples: int, batch_size: int, *, seed: int, epoch: int,
   (static shapes); evaluation keeps it (``drop_last=False``).
 
   Examples:
-    >>> from childtuning_jax.data import batch_indices
+    >>> from train.text_datasets import batch_indices
     >>> [b.tolist() for b in batch_indices(5, 2, seed=0, epoch=0, shuffle=False)]
     [[0, 1], [2, 3]]
     >>> [b.tolist() for b in batch_indices(5, 2, seed=0, epoch=0, shuffle=False, drop_last=False)]
