@@ -23,19 +23,25 @@ import sys
 import time
 from pathlib import Path
 
-import flax.linen as nn
-import jax
-import jax.numpy as jnp
-import numpy as np
-import optax
-
-from childtuning_jax import _random, child_tuning_driven, child_tuning_free, estimate_fisher
-from childtuning_jax.cpu import MALLOC_ENV, restart_keeping_freed_memory
-from childtuning_jax.models import EncoderConfig, EncoderForSequenceClassification, encoder
-from childtuning_jax.models.matmul import matmul
-
 ROOT = Path(__file__).resolve().parent.parent
-BATCH, SEQ_LEN, RESERVE_P = 32, 128, 0.3
+sys.path.insert(0, str(ROOT))  # run as a script: the trainer's steps come from train/
+
+import flax.linen as nn  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+
+from childtuning_jax import (_random, child_tuning_driven, child_tuning_free,  # noqa: E402
+                            estimate_fisher)
+from childtuning_jax.cpu import MALLOC_ENV, restart_keeping_freed_memory  # noqa: E402
+from childtuning_jax.models import (EncoderConfig, EncoderForSequenceClassification,  # noqa: E402
+                                    encoder)
+from childtuning_jax.models.matmul import matmul  # noqa: E402
+from train import trainer  # noqa: E402
+from train.arguments import TrainingArguments  # noqa: E402
+
+BATCH, SEQ_LEN, RESERVE_P, LR = 32, 128, 0.3, 2e-5
 # The library's BERT classifier at two sizes, randomly initialised (speed does not depend on
 # the weights): all-MiniLM-L6-v2's shape (22.7M parameters) and BERT-base's (109M).
 MINILM_L6 = EncoderConfig(hidden_size=384, num_hidden_layers=6, intermediate_size=1536)
@@ -48,16 +54,14 @@ def init_params(config, seed=0):
   return model, jax.jit(model.init)(jax.random.key(seed), ids)["params"]
 
 
-def classification_loss(model, params, batch, dropout_key=None, row_offsets=None):
-  """Mean cross-entropy; dropout on when a key is given; ``row_offsets`` for the Fisher's
-  row-sparse word-embedding gradients."""
-  variables = {"params": params}
-  if row_offsets is not None:
-    variables["perturbations"] = model.perturbations(row_offsets)
-  logits = model.apply(variables, batch["input_ids"], batch["attention_mask"],
-                       deterministic=dropout_key is None,
-                       rngs=None if dropout_key is None else {"dropout": dropout_key})
-  return optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"]).mean()
+def fisher_loss(model):
+  """The trainer's loss for its Fisher pass: mean cross-entropy without dropout;
+  ``row_offsets`` for the row-sparse word-embedding gradients."""
+  def loss(params, batch, row_offsets=None):
+    losses, _ = trainer.per_example_losses(model, params, batch, is_regression=False,
+                                           row_offsets=row_offsets)
+    return losses.mean()
+  return loss
 
 
 def _masking_transform(reserve_p, keep_fn, key=0):
@@ -102,7 +106,7 @@ def packed_child_tuning_free(reserve_p):
 
 
 def adamw():
-  return optax.adamw(2e-5, eps=1e-6, weight_decay=0.01)
+  return optax.adamw(LR, eps=1e-6, weight_decay=0.01)
 
 
 def random_mask(params, p=RESERVE_P):
@@ -149,6 +153,7 @@ def fake_batch(config, seed=0):
   lengths = rng.integers(SEQ_LEN // 2, SEQ_LEN + 1, BATCH)
   return {"input_ids": rng.integers(1, config.vocab_size, (BATCH, SEQ_LEN)).astype(np.int32),
           "attention_mask": (np.arange(SEQ_LEN)[None] < lengths[:, None]).astype(np.int32),
+          "token_type_ids": np.zeros((BATCH, SEQ_LEN), np.int32),
           "labels": rng.integers(0, config.num_labels, BATCH).astype(np.int32)}
 
 
@@ -190,13 +195,23 @@ def bench_threefry(reps):
                               "unrolled (childtuning_jax)": lambda: unrolled(counters)}, reps)
 
 
-def make_train_step(model, tx):
-  def step(params, opt_state, batch, dropout_key):
-    loss, grads = jax.value_and_grad(
-        lambda p: classification_loss(model, p, batch, dropout_key))(params)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
-  return jax.jit(step)
+def trainer_step(model, tx, params, batch, dropout_key, compiler_options=None):
+  """The trainer's own training step (``train.trainer.make_train_step`` on its task loss),
+  jitted as the trainer jits it (the state donated), compiled for ``batch``; returns a
+  function that takes one step from the state it holds and returns the step's metrics.
+  Traced here, so a module replaced while this runs (``patched``) is in the step."""
+  step = jax.jit(trainer.make_train_step(tx, trainer.task_loss(model, is_regression=False),
+                                         optax.constant_schedule(LR)), donate_argnums=0)
+  state = trainer.TrainState(step=jnp.zeros((), jnp.int32), params=jax.tree.map(jnp.array, params),
+                             opt_state=tx.init(params), dropout_key=dropout_key)
+  compiled = step.lower(state, batch).compile(compiler_options)
+  holder = [state]
+
+  def run():
+    holder[0], metrics = compiled(holder[0], batch)
+    return metrics
+  run.compiled = compiled
+  return run
 
 
 @contextlib.contextmanager
@@ -316,34 +331,33 @@ def bench_step_variants(config, reps):
       "XLA: fast math (bound; changes numerics)": ({}, key, {"xla_cpu_enable_fast_math": True}),
   }
   fns = {}
-  state = tx.init(params)
   for name, (attributes, key, options) in variants.items():
     with patched(encoder, **attributes):  # traced and compiled with the replacement in place
-      step = make_train_step(model, tx).lower(params, state, batch, key).compile(
-          compiler_options=options or None)
-    fns[name] = lambda step=step, key=key: step(params, state, batch, key)
+      fns[name] = trainer_step(model, tx, params, batch, key, options or None)
   return alternating_medians(fns, reps)
 
 
+TRAINER_MODES = {"vanilla": "vanilla", "CT-F": "ChildTuning-F", "CT-D": "ChildTuning-D"}
+
+
 def train_transforms(params):
-  """vanilla / CT-F / CT-D as the trainer builds them: clipping first, then the mask."""
-  clip = optax.clip_by_global_norm(1.0)
+  """vanilla / CT-F / CT-D as the trainer builds them (``train.trainer.optimizer``: clipping
+  first, then the mode's mask and AdamW; CT-D with a random child network of RESERVE_P)."""
   mask = random_mask(params)
-  return {
-      "vanilla": optax.chain(clip, adamw()),
-      "CT-F": optax.chain(clip, child_tuning_free(RESERVE_P), adamw()),
-      "CT-D": optax.chain(clip, child_tuning_driven(mask), adamw(), child_tuning_driven(mask)),
-  }
+  transforms = {}
+  for name, mode in TRAINER_MODES.items():
+    args = TrainingArguments(output_dir="-", mode=mode, reserve_p=RESERVE_P, learning_rate=LR,
+                             weight_decay=0.01, max_grad_norm=1.0)
+    transforms[name] = trainer.optimizer(args, optax.constant_schedule(LR), key=jax.random.key(0),
+                                         mask=mask if mode == "ChildTuning-D" else None)
+  return transforms
 
 
 def bench_train_step(config, reps):
   model, params = init_params(config)
   batch = jax.device_put(fake_batch(config))
-  key = jax.random.key(1)
-  fns = {}
-  for name, tx in train_transforms(params).items():
-    step, state = make_train_step(model, tx), tx.init(params)
-    fns[name] = lambda step=step, state=state: step(params, state, batch, key)
+  fns = {name: trainer_step(model, tx, params, batch, jax.random.key(1))
+         for name, tx in train_transforms(params).items()}
   return alternating_medians(fns, reps)
 
 
@@ -351,7 +365,7 @@ def bench_fisher(config, reps):
   """Per-example Fisher over one batch vs one batched forward+backward on the same batch."""
   model, params = init_params(config)
   batch = fake_batch(config)
-  loss = lambda p, b, row_offsets=None: classification_loss(model, p, b, row_offsets=row_offsets)
+  loss = fisher_loss(model)
   lookups = {model.word_embeddings_path: "input_ids"}
   batched_grad = jax.jit(jax.grad(loss))
   device_batch = jax.device_put(batch)
@@ -378,27 +392,25 @@ def run_workload(name):
   model, params = init_params(MINILM_L6)
   batch = fake_batch(MINILM_L6)
   if name in HOST_MEMORY_SETTINGS:
-    tx = train_transforms(params)["vanilla"]
-    step, state, key = make_train_step(model, tx), tx.init(params), jax.random.key(1)
-    batch = jax.device_put(batch)
+    step = trainer_step(model, train_transforms(params)["vanilla"], params, jax.device_put(batch),
+                        jax.random.key(1))
     times, faults = [], []
     for i in range(7):  # two warm-up steps, then five
       before, start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.perf_counter()
-      jax.block_until_ready(step(params, state, batch, key))
+      jax.block_until_ready(step())
       if i >= 2:
         times.append(time.perf_counter() - start)
         faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
     return json.dumps({"median_s": float(np.median(times)), "page_faults": float(np.median(faults))})
   if name == "train step (CT-F)":
-    tx = train_transforms(params)["CT-F"]
-    step, state = make_train_step(model, tx), tx.init(params)
+    step = trainer_step(model, train_transforms(params)["CT-F"], params, jax.device_put(batch),
+                        jax.random.key(0))
     for _ in range(2):
-      params, state, _ = jax.block_until_ready(step(params, state, batch, jax.random.key(0)))
+      jax.block_until_ready(step())
   elif name == "per-example Fisher":
     for _ in range(2):
       jax.block_until_ready(estimate_fisher(
-          lambda p, b, row_offsets: classification_loss(model, p, b, row_offsets=row_offsets),
-          params, [batch], chunk_size=BATCH,
+          fisher_loss(model), params, [batch], chunk_size=BATCH,
           embedding_lookups={model.word_embeddings_path: "input_ids"}))
   else:
     raise ValueError(name)

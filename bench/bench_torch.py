@@ -41,7 +41,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from bench_core import (alternating_times, machine, merge_rerun, paired_ratio,  # noqa: E402
-                        peak_memory_of, peak_rss_mib, update_benchmarks_md)
+                        peak_memory_of, peak_rss_mib, trainer_step, update_benchmarks_md)
 from childtuning_jax import estimate_fisher  # noqa: E402
 from childtuning_jax.cpu import restart_keeping_freed_memory  # noqa: E402
 from childtuning_jax.models import embedded_model_path, load_pretrained  # noqa: E402
@@ -175,19 +175,15 @@ def jax_transforms(params):
   for mode in MODES:
     args = TrainingArguments(output_dir="-", mode=mode, reserve_p=RESERVE_P, learning_rate=LR,
                              weight_decay=0.0, max_grad_norm=1.0)
-    transforms[mode] = trainer.optimizer(args, optax.constant_schedule(LR), params, key=jax.random.key(0),
+    transforms[mode] = trainer.optimizer(args, optax.constant_schedule(LR), key=jax.random.key(0),
                                          mask=mask if mode == "ChildTuning-D" else None)
   return transforms
 
 
-def jax_train_steps(model, params):
-  steps = {}
-  for mode, tx in jax_transforms(params).items():
-    step = jax.jit(trainer.make_train_step(model, tx, optax.constant_schedule(LR), is_regression=False))
-    state = trainer.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                               dropout_key=jax.random.key(1))
-    steps[mode] = (step, state)
-  return steps
+def jax_train_steps(model, params, batch):
+  """{mode: a function taking one of the trainer's own steps (bench_core.trainer_step)}."""
+  return {mode: trainer_step(model, tx, params, batch, jax.random.key(1))
+          for mode, tx in jax_transforms(params).items()}
 
 
 def jax_updates(params):
@@ -237,15 +233,9 @@ def bench_train_step(reps):
   model, params = jax_model()
   tmodel = torch_model()
   optimizers = torch_optimizers(tmodel)
-  device_batch = jax.device_put(batch)
-  fns, states = {}, {}
-  for mode, (step, state) in jax_train_steps(model, params).items():
-    states[mode] = state
-
-    def run_jax(mode=mode, step=step):
-      states[mode], metrics = step(states[mode], device_batch)
-      return metrics
-    fns[f"JAX {mode}"] = run_jax
+  fns = {}
+  for mode, step in jax_train_steps(model, params, jax.device_put(batch)).items():
+    fns[f"JAX {mode}"] = step
     fns[f"PyTorch {mode}"] = lambda mode=mode: torch_train_step(tmodel, optimizers[mode], tbatch)
   times = alternating_times(fns, reps)
   return pairs(times, {mode: (f"JAX {mode}", f"PyTorch {mode}") for mode in MODES})
@@ -295,8 +285,9 @@ def run_workload(name):
   for _ in range(2):
     if name == "JAX train step (CT-F)":
       model, params = jax_model()
-      step, state = jax_train_steps(model, params)["ChildTuning-F"]
-      jax.block_until_ready(step(step(state, jax.device_put(batch))[0], jax.device_put(batch)))
+      step = jax_train_steps(model, params, jax.device_put(batch))["ChildTuning-F"]
+      step()
+      jax.block_until_ready(step())
     elif name == "PyTorch train step (CT-F)":
       model = torch_model()
       torch_train_step(model, torch_optimizers(model)["ChildTuning-F"], torch_batch(batch))

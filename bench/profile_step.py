@@ -30,7 +30,7 @@ import jax  # noqa: E402
 from childtuning_jax.cpu import restart_keeping_freed_memory  # noqa: E402
 
 from bench_core import (BATCH, MINILM_L6, SEQ_LEN, fake_batch, init_params, machine,  # noqa: E402
-                        make_train_step, train_transforms, update_benchmarks_md)
+                        train_transforms, trainer_step, update_benchmarks_md)
 
 # (group, test on the op_name), first match wins; op_names look like
 # "jit(step)/transpose(jvp(EncoderForSequenceClassification))/bert/encoder/layer_3/output/LayerNorm/mul".
@@ -67,16 +67,15 @@ def instruction_groups(compiled_text):
 def profile(mode, steps):
   model, params = init_params(MINILM_L6)
   batch = jax.device_put(fake_batch(MINILM_L6))
-  tx = train_transforms(params)[mode]
-  step, state, key = make_train_step(model, tx), tx.init(params), jax.random.key(1)
-  groups = instruction_groups(step.lower(params, state, batch, key).compile().as_text())
+  step = trainer_step(model, train_transforms(params)[mode], params, batch, jax.random.key(1))
+  groups = instruction_groups(step.compiled.as_text())
   for _ in range(2):
-    jax.block_until_ready(step(params, state, batch, key))
+    jax.block_until_ready(step())
   with tempfile.TemporaryDirectory() as trace_dir:
     jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)
     start = time.perf_counter()
     for _ in range(steps):
-      jax.block_until_ready(step(params, state, batch, key))
+      jax.block_until_ready(step())
     wall = (time.perf_counter() - start) / steps
     jax.profiler.stop_trace()
     trace = json.load(gzip.open(next(Path(trace_dir).rglob("*perfetto_trace.json.gz"))))

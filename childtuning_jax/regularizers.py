@@ -12,6 +12,11 @@ Each is a small piece that composes with the Child-Tuning transforms:
   inside the loss.
 - :func:`r3f_noise` and :func:`symmetric_kl`: R3F's penalty between outputs on
   clean and noise-perturbed input embeddings, inside the loss.
+
+The pulls toward ``w0`` keep their own copy of it in the optimizer state, or,
+with ``pretrained=None``, take it from each update's extra argument
+(``tx.update(grads, state, params, pretrained=w0)``, which ``optax.chain``
+passes on): then one copy of ``w0`` serves every method of a run.
 """
 
 from __future__ import annotations
@@ -32,37 +37,50 @@ def _check_pretrained(pretrained: Any, params: Any) -> None:
 
 
 class PretrainedState(NamedTuple):
-  pretrained: Any  # w0, kept in the state so that checkpoints carry it and jit does not bake it in
+  # w0, kept in the state so that checkpoints carry it and jit does not bake it in; None when
+  # each update brings it (the ``pretrained`` extra argument).
+  pretrained: Any
   count: jax.Array  # int32: updates so far (RecAdam's t)
 
 
-def _toward_pretrained(name, pretrained, where, combine):
-  """A transform ``u ← combine(u, w − w0, t)`` on the leaves ``where`` selects."""
+def _toward_pretrained(name, pretrained, where, combine) -> optax.GradientTransformationExtraArgs:
+  """A transform ``u ← combine(u, w − w0, t)`` on the leaves ``where`` selects; ``w0`` is
+  ``pretrained`` or, if that is None, each update's ``pretrained`` extra argument."""
 
   def init_fn(params):
+    if pretrained is None:
+      return PretrainedState(pretrained=None, count=jnp.zeros((), jnp.int32))
     _check_pretrained(pretrained, params)
     # A copy: params and the state may both be donated to a jitted step; one buffer
     # cannot be donated twice.
     return PretrainedState(pretrained=jax.tree.map(jnp.array, pretrained),
                            count=jnp.zeros((), jnp.int32))
 
-  def update_fn(updates, state, params=None):
+  def update_fn(updates, state, params=None, **extra_args):
     if params is None:
       raise ValueError(f"{name} needs params: call update(updates, state, params).")
+    w0 = state.pretrained
+    if w0 is None:
+      w0 = extra_args.get("pretrained")
+      if w0 is None:
+        raise ValueError(f"{name} was made with pretrained=None: pass the pretrained weights to "
+                         "each update, update(updates, state, params, pretrained=w0).")
+      _check_pretrained(w0, params)
 
     def one(path, u, w, w0):
       if where is not None and not where(_trees.path_name(path)):
         return u
       return combine(u, (w - w0).astype(u.dtype), state.count).astype(u.dtype)
 
-    updates = jax.tree_util.tree_map_with_path(one, updates, params, state.pretrained)
+    updates = jax.tree_util.tree_map_with_path(one, updates, params, w0)
     return updates, state._replace(count=optax.safe_increment(state.count))
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def decay_to_pretrained(strength: float, pretrained: Any, *,
-                        where: Callable[[str], bool] | None = None) -> optax.GradientTransformation:
+def decay_to_pretrained(strength: float, pretrained: Any = None, *,
+                        where: Callable[[str], bool] | None = None
+                        ) -> optax.GradientTransformationExtraArgs:
   """Adds the gradient of ``strength · ‖w − w0‖²``: ``2 · strength · (w − w0)``.
 
   Chain it before the optimizer, as a loss term would be:
@@ -71,7 +89,8 @@ def decay_to_pretrained(strength: float, pretrained: Any, *,
   Args:
     strength: ``λ_WD``; the paper searches {10, 1, 0.1, 0.01, 1e-3, 1e-4}.
     pretrained: the pretrained parameters ``w0`` (a pytree like the params),
-      kept in the optimizer state.
+      kept in the optimizer state; ``None``: each update's ``pretrained``
+      extra argument.
     where: a callable on the leaf's path name (``"a/b/c"``) choosing the
       leaves to pull; default all. (A newly initialised head has no
       pretrained value to be pulled toward.)
@@ -86,6 +105,10 @@ def decay_to_pretrained(strength: float, pretrained: Any, *,
     >>> params = {"w": jnp.array([1.0, -2.0])}
     >>> tx.update({"w": jnp.zeros(2)}, tx.init(params), params)[0]["w"]
     Array([ 1., -2.], dtype=float32)
+    >>> shared = decay_to_pretrained(0.5)  # w0 from each update: one copy for several methods
+    >>> shared.update({"w": jnp.zeros(2)}, shared.init(params), params,
+    ...               pretrained={"w": jnp.zeros(2)})[0]["w"]
+    Array([ 1., -2.], dtype=float32)
 
   References:
     Daumé III, "Frustratingly Easy Domain Adaptation", ACL 2007; Xu et al.
@@ -99,7 +122,7 @@ def decay_to_pretrained(strength: float, pretrained: Any, *,
 
 def recadam(pretrained: Any, learning_rate: optax.ScalarOrSchedule, *, k: float, t0: int,
             strength: float = 5000.0,
-            where: Callable[[str], bool] | None = None) -> optax.GradientTransformation:
+            where: Callable[[str], bool] | None = None) -> optax.GradientTransformationExtraArgs:
   """RecAdam: anneal from recalling the pretrained weights to learning the task.
 
   The objective is ``λ(t)·L + (1 − λ(t))·‖w − w0‖²`` with
@@ -113,7 +136,8 @@ def recadam(pretrained: Any, learning_rate: optax.ScalarOrSchedule, *, k: float,
     optax.chain(optax.adamw(lr), recadam(params0, lr, k=0.5, t0=250))
 
   Args:
-    pretrained: the pretrained parameters ``w0``, kept in the optimizer state.
+    pretrained: the pretrained parameters ``w0``, kept in the optimizer state;
+      ``None``: each update's ``pretrained`` extra argument.
     learning_rate: the optimizer's learning rate or schedule (the pull is
       scaled by it, as a decoupled weight decay is).
     k: the annealing rate; the paper searches {0.05, 0.1, 0.2, 0.5, 1}.

@@ -117,3 +117,18 @@ def test_r3f_noise_and_symmetric_kl():
   np.testing.assert_allclose(float(symmetric_kl(jnp.asarray(a), jnp.asarray(b))), want, rtol=1e-5)
   assert float(symmetric_kl(jnp.asarray(a), jnp.asarray(b))) == pytest.approx(
       float(symmetric_kl(jnp.asarray(b), jnp.asarray(a))))
+
+
+def test_pulls_take_w0_from_the_update_when_not_given_one():
+  w0, params = _trees_of(0), _trees_of(1)
+  grads = jax.tree.map(jnp.ones_like, params)
+  for own, shared in [(decay_to_pretrained(0.3, w0), decay_to_pretrained(0.3)),
+                      (recadam(w0, 0.1, k=0.5, t0=2), recadam(None, 0.1, k=0.5, t0=2))]:
+    chain = optax.chain(shared, optax.sgd(0.1))  # optax.chain passes the extra argument on
+    assert shared.init(params).pretrained is None  # no copy of w0 in the state
+    want = optax.chain(own, optax.sgd(0.1)).update(grads, optax.chain(own, optax.sgd(0.1)).init(params), params)[0]
+    got = chain.update(grads, chain.init(params), params, pretrained=w0)[0]
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+      np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="pretrained=w0"):
+      shared.update(grads, shared.init(params), params)

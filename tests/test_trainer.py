@@ -1,6 +1,7 @@
 """train/run_glue.py end to end on a tiny random BERT and tiny files: outputs, learning,
 8 devices against 1, exact resume after a crash, clear errors, and the prior methods."""
 
+import functools
 import json
 import shutil
 from pathlib import Path
@@ -17,7 +18,7 @@ pytest.importorskip("torch")
 import childtuning_jax as ct  # noqa: E402
 import childtuning_jax.models  # noqa: E402,F401
 import tiny_run  # noqa: E402
-from train import arguments, checkpoints, run_glue, trainer  # noqa: E402
+from train import arguments, checkpoints, methods, run_glue, trainer  # noqa: E402
 
 
 def run(tiny, output_dir, *flags):
@@ -227,15 +228,19 @@ def test_prior_methods_compose_and_learn(tiny, tmp_path):
   assert np.isfinite(results["eval_loss"])
 
 
-def _tiny_setup(tiny, **flags):
-  args = arguments.TrainingArguments(output_dir="-", **flags)
+def _context(tiny, **flags):
+  args = arguments.TrainingArguments(output_dir="-", **{"mode": "vanilla", **flags})
   model, params = ct.models.load_pretrained(tiny["model"], 2)
-  return args, model, params
+  return methods.Context(args=args, model=model, params=params,
+                         schedule=optax.constant_schedule(1e-3), from_checkpoint=lambda name: True,
+                         logits=functools.partial(trainer.logits_of, model))
 
 
 def test_top_k_tuning_trains_only_the_top_layers_and_the_head(tiny):
-  args, model, params = _tiny_setup(tiny, mode="vanilla", top_k_layers=1, weight_decay=0.1)
-  tx = trainer.optimizer(args, optax.constant_schedule(1e-3), params, key=jax.random.key(0))
+  context = _context(tiny, mode="vanilla", top_k_layers=1, weight_decay=0.1)
+  params = context.params
+  tx = trainer.optimizer(context.args, context.schedule, methods.chosen(context),
+                         key=jax.random.key(0))
   grads = jax.tree.map(jnp.ones_like, params)
   updates, _ = tx.update(grads, tx.init(params), params)
   moved = {name: bool(np.any(u != 0)) for name, u in ct._trees.named_leaves(updates)}
@@ -247,24 +252,39 @@ def test_top_k_tuning_trains_only_the_top_layers_and_the_head(tiny):
     arguments.TrainingArguments(output_dir="-", learning_rate=1e-3, recadam_k=0.5)
 
 
-def test_r3f_adds_the_symmetric_kl_of_a_noisy_pass(tiny):
-  args, model, params = _tiny_setup(tiny)
-  tx = optax.sgd(0.0)
-  state = trainer.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+def _step_loss(context, state, batch):
+  pieces = methods.chosen(context)
+  loss = methods.wrap_loss(trainer.task_loss(context.model, is_regression=False), pieces)
+  tx = trainer.optimizer(context.args, context.schedule, pieces, key=jax.random.key(0))
+  state = state.replace(opt_state=tx.init(state.params))
+  return float(trainer.make_train_step(tx, loss, context.schedule)(state, batch)[1]["loss"])
+
+
+def test_r3f_and_mixout_wrap_the_task_loss(tiny):
+  plain = _context(tiny)
+  state = trainer.TrainState(step=jnp.zeros((), jnp.int32), params=plain.params, opt_state=None,
                              dropout_key=jax.random.key(0))
   rng = np.random.default_rng(0)
   batch = {"input_ids": jnp.asarray(rng.integers(5, 30, (4, 8)), jnp.int32),
            "attention_mask": jnp.ones((4, 8), jnp.int32), "token_type_ids": jnp.zeros((4, 8), jnp.int32),
            "labels": jnp.array([0, 1, 1, 0])}
-  schedule = optax.constant_schedule(0.0)
-  plain = trainer.make_train_step(model, tx, schedule, is_regression=False)(state, batch)[1]["loss"]
-  noisy = trainer.make_train_step(model, tx, schedule, is_regression=False,
-                                  r3f=(1.0, "normal", 2.0))(state, batch)[1]["loss"]
+  base = _step_loss(plain, state, batch)
   # The clean pass is the same (same dropout key), so the difference is 2 * KL_S > 0.
-  assert float(noisy) > float(plain)
-  mixed = trainer.make_train_step(model, tx, schedule, is_regression=False, mixout_p=0.5)(
-      state.replace(pretrained=jax.tree.map(jnp.zeros_like, params)), batch)[1]["loss"]
-  assert float(mixed) != float(plain)
+  assert _step_loss(_context(tiny, r3f_sigma=1.0, r3f_lambda=2.0), state, batch) > base
+  w0 = jax.tree.map(jnp.zeros_like, plain.params)
+  assert _step_loss(_context(tiny, mixout_p=0.5), state.replace(pretrained=w0), batch) != base
+
+
+def test_every_method_that_needs_w0_shares_one_copy(tiny):
+  context = _context(tiny, decay_to_pretrained=1e-3, recadam_k=0.5, recadam_strength=30,
+                     mixout_p=0.1, learning_rate=1e-3)
+  pieces = methods.chosen(context)
+  assert sum(piece.needs_pretrained for piece in pieces) == 3
+  tx = trainer.optimizer(context.args, context.schedule, pieces, key=jax.random.key(0))
+  size = lambda tree: sum(x.size for x in jax.tree.leaves(tree))
+  parameters = size(context.params)
+  # AdamW's two moments, and no copy of w0 in the optimizer state.
+  assert size(tx.init(context.params)) < 2 * parameters + 100
 
 
 def test_top_k_tuning_runs_with_a_donated_state(tiny, tmp_path):
@@ -277,7 +297,7 @@ def test_ablation_child_networks_and_prune_at_eval(tiny, tmp_path):
   common = ("--mode", "ChildTuning-D", "--reserve_p", "0.25", "--fisher_num_examples", "64",
             "--do_train", "false", "--do_eval", "false")
   masks = {}
-  _, _, params = _tiny_setup(tiny)
+  params = _context(tiny).params
   for kind in ("fisher", "lowest_fisher", "random"):
     results = run(tiny, tmp_path / kind, *common, "--child_network", kind)
     assert results == {} and not (tmp_path / kind / "checkpoints").exists()  # mask only

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import functools
 import json
 import logging
 import math
@@ -25,7 +26,7 @@ import signal
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import flax.struct
 import jax
@@ -36,12 +37,12 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
 import childtuning_jax as ct
-from childtuning_jax import _trees, regularizers
+from childtuning_jax import _trees
 from train.text_datasets import batch_indices
 from train.metrics import compute_metrics
 from childtuning_jax.models import embedded_model_path, load_config, load_pretrained, resolve_checkpoint
 from train import checkpoints as checkpoints_lib
-from train import distributed, input_pipeline
+from train import distributed, input_pipeline, methods
 from train.arguments import DataArguments, ModelArguments, TrainingArguments, as_dict
 
 logger = logging.getLogger(__name__)
@@ -56,7 +57,9 @@ class TrainState(flax.struct.PyTreeNode):
   params: Any
   opt_state: Any
   dropout_key: jax.Array  # typed PRNG key; step s uses fold_in(dropout_key, s)
-  pretrained: Any = None  # the pretrained weights, for Mixout (None otherwise)
+  # The pretrained weights w0, one copy for every method that needs them (train/methods.py);
+  # None when none does.
+  pretrained: Any = None
 
 
 # ----------------------------------------------------------------------------- optimizer
@@ -85,38 +88,28 @@ def decays(params: Any) -> Any:
   return jax.tree_util.tree_map_with_path(flag, params)
 
 
-def optimizer(args: TrainingArguments, schedule: optax.Schedule, params: Any, *, key: jax.Array,
-              mask: Any = None, from_checkpoint: Callable[[str], bool] | None = None
+def optimizer(args: TrainingArguments, schedule: optax.Schedule,
+              pieces: Sequence[methods.Pieces] = (), *, key: jax.Array, mask: Any = None
               ) -> optax.GradientTransformation:
-  """Weight decay toward the pretrained ``params`` (a gradient term), clipping (before the
-  mask, as the published code), AdamW with the mode's mask, then RecAdam's pull.
-
-  ``from_checkpoint`` says which leaves (by path name) have a pretrained value; only
-  those are pulled toward it.
-  """
+  """The chain of a run: the methods' gradient terms, clipping (before the mask, as the
+  published code), AdamW with the mode's mask (or a method's fixed mask), the methods'
+  transforms after the optimizer. ``mask``: CT-D's child network."""
   adamw_args = dict(b1=args.adam_beta1, b2=args.adam_beta2, eps=args.adam_epsilon,
-                    weight_decay=args.weight_decay)
-  if args.top_k_layers is not None:  # Top-K tuning: a fixed mask of the top layers and head
-    tx = ct.child_tuning_adamw(schedule, mode="driven", weight_decay_mask=decays, **adamw_args,
-                               mask=regularizers.top_layers_mask(params, args.top_k_layers))
+                    weight_decay=args.weight_decay, weight_decay_mask=decays)
+  fixed = [piece.mask for piece in pieces if piece.mask is not None]
+  if fixed:  # Top-K tuning (vanilla mode): a fixed mask of its own, frozen exactly
+    core = ct.child_tuning_adamw(schedule, mode="driven", mask=fixed[0], **adamw_args)
   elif args.mode == "vanilla":
-    tx = optax.adamw(schedule, mask=decays, **adamw_args)
+    adamw_args["mask"] = adamw_args.pop("weight_decay_mask")
+    core = optax.adamw(schedule, **adamw_args)
   elif args.mode == "ChildTuning-F":
-    tx = ct.child_tuning_adamw(schedule, mode="free", reserve_p=args.reserve_p, key=key,
-                               weight_decay_mask=decays, **adamw_args)
+    core = ct.child_tuning_adamw(schedule, mode="free", reserve_p=args.reserve_p, key=key,
+                                 **adamw_args)
   else:
-    tx = ct.child_tuning_adamw(schedule, mode="driven", mask=mask, weight_decay_mask=decays,
-                               **adamw_args)
-  if args.recadam_k is not None:  # after AdamW: the pull stays out of Adam's moments
-    tx = optax.chain(tx, regularizers.recadam(params, schedule, k=args.recadam_k,
-                                              t0=args.recadam_t0, strength=args.recadam_strength,
-                                              where=from_checkpoint))
-  if args.max_grad_norm > 0:
-    tx = optax.chain(optax.clip_by_global_norm(args.max_grad_norm), tx)
-  if args.decay_to_pretrained > 0:  # a loss term's gradient, before clipping
-    tx = optax.chain(regularizers.decay_to_pretrained(args.decay_to_pretrained, params,
-                                                      where=from_checkpoint), tx)
-  return tx
+    core = ct.child_tuning_adamw(schedule, mode="driven", mask=mask, **adamw_args)
+  clip = [optax.clip_by_global_norm(args.max_grad_norm)] if args.max_grad_norm > 0 else []
+  return optax.chain(*(t for piece in pieces for t in piece.before_clipping), *clip, core,
+                     *(t for piece in pieces for t in piece.after_optimizer))
 
 
 def check_flags_against_data(args: TrainingArguments, data_args: DataArguments, datasets,
@@ -145,7 +138,7 @@ def child_network_of(opt_state: Any) -> Any:
 # ----------------------------------------------------------------------------- steps
 
 
-def logits_of(model, params, batch, *, dropout_key=None, row_offsets=None) -> jax.Array:
+def logits_of(model, params, batch, dropout_key=None, row_offsets=None) -> jax.Array:
   """The model's logits; dropout on when a key is given. ``row_offsets`` (from
   ``estimate_fisher``'s ``embedding_lookups``, or R3F's noise) are added to the looked-up
   word embeddings."""
@@ -173,39 +166,33 @@ def per_example_losses(model, params, batch, *, is_regression: bool, dropout_key
   return losses_of(logits, batch["labels"], is_regression=is_regression)
 
 
-def make_train_step(model, tx, schedule, *, is_regression: bool, mixout_p: float = 0.0,
-                    mixout_where: Callable[[str], bool] | None = None,
-                    r3f: tuple[float, str, float] | None = None) -> Callable:
-  """``(state, batch) -> (state, metrics)``. With ``mixout_p`` the forward pass uses
-  Mixout's weights (``state.pretrained`` holds w0); with ``r3f = (sigma, noise, lambda)``
-  the loss adds R3F's symmetric KL to a pass on noisy word embeddings."""
+def task_loss(model, *, is_regression: bool) -> methods.Loss:
+  """The task's mean loss on a batch, with dropout: ``loss(params, batch, dropout_key,
+  pretrained) -> (loss, logits)`` (the methods of train/methods.py wrap it)."""
+  def loss(params, batch, dropout_key, pretrained=None):
+    logits = logits_of(model, params, batch, dropout_key=dropout_key)
+    return losses_of(logits, batch["labels"], is_regression=is_regression)[0].mean(), logits
+  return loss
+
+
+def make_train_step(tx: optax.GradientTransformation, loss: methods.Loss,
+                    schedule: optax.Schedule) -> Callable:
+  """``(state, batch) -> (state, metrics)``: one optimizer step on ``loss``'s gradient.
+
+  Step ``s`` draws its dropout from ``fold_in(state.dropout_key, s)``; the pretrained
+  weights, if the state holds them, go to the loss and to the optimizer (``pretrained=``).
+  """
   def train_step(state: TrainState, batch):
     # One flag per row (a row per example, so each process sets its own): whether a process
     # was asked to stop. Reduced here, every process reads the same answer after the same step.
     stop_requested = batch.pop("stop_requested", None)
     dropout_key = jax.random.fold_in(state.dropout_key, state.step)
-
-    def loss_fn(params):
-      if mixout_p:
-        params = regularizers.mixout(params, state.pretrained, mixout_p,
-                                     jax.random.fold_in(dropout_key, 1), where=mixout_where)
-      logits = logits_of(model, params, batch, dropout_key=dropout_key)
-      loss = losses_of(logits, batch["labels"], is_regression=is_regression)[0].mean()
-      if r3f is not None:
-        sigma, noise_kind, weight = r3f
-        noise = regularizers.r3f_noise(jax.random.fold_in(dropout_key, 2),
-                                       batch["input_ids"].shape + (model.config.embedding_size
-                                                                   or model.config.hidden_size,),
-                                       sigma, noise_kind)
-        noisy = logits_of(model, params, batch, dropout_key=jax.random.fold_in(dropout_key, 3),
-                          row_offsets={model.word_embeddings_path: noise})
-        loss = loss + weight * regularizers.symmetric_kl(logits, noisy)
-      return loss
-
-    loss, grads = jax.value_and_grad(loss_fn)(state.params)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    value_and_grad = jax.value_and_grad(lambda p: loss(p, batch, dropout_key, state.pretrained)[0])
+    value, grads = value_and_grad(state.params)
+    extra = {} if state.pretrained is None else {"pretrained": state.pretrained}
+    updates, opt_state = tx.update(grads, state.opt_state, state.params, **extra)
     params = optax.apply_updates(state.params, updates)
-    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
+    metrics = {"loss": value, "grad_norm": optax.tree.norm(grads),
                "learning_rate": schedule(state.step)}
     if stop_requested is not None:
       metrics["stop_requested"] = jnp.max(stop_requested)
@@ -701,9 +688,14 @@ def _train_and_evaluate(model_args, data_args, args, signals) -> dict[str, float
       mask = estimate_child_network(model, checkpoints_lib.place(params, run.replicated),
                                     train_arrays, datasets, args, run)
       child_network_runtime = round(time.perf_counter() - started, 3)
-  tx = optimizer(args, schedule, params, key=ctf_key, mask=mask, from_checkpoint=from_checkpoint)
-  # Mixout's w0 is a copy: the state is donated to the step, and a buffer cannot be donated twice.
-  pretrained = jax.tree.map(jnp.array, params) if args.mixout_p else None
+  context = methods.Context(args=args, model=model, params=params, schedule=schedule,
+                            from_checkpoint=from_checkpoint,
+                            logits=functools.partial(logits_of, model))
+  pieces = methods.chosen(context)
+  tx = optimizer(args, schedule, pieces, key=ctf_key, mask=mask)
+  # w0 is a copy: the state is donated to the step, and a buffer cannot be donated twice.
+  needs_pretrained = any(piece.needs_pretrained for piece in pieces)
+  pretrained = jax.tree.map(jnp.array, params) if needs_pretrained else None
   state = checkpoints_lib.place(
       TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                  dropout_key=dropout_key, pretrained=pretrained), run.replicated)
@@ -712,11 +704,8 @@ def _train_and_evaluate(model_args, data_args, args, signals) -> dict[str, float
   if args.mode == "ChildTuning-D":
     write_child_network(child_network_of(state.opt_state), run)
 
-  step_fn = make_train_step(
-      model, tx, schedule, is_regression=datasets.is_regression, mixout_p=args.mixout_p,
-      mixout_where=lambda name: name.endswith("/kernel") and from_checkpoint(name),
-      r3f=(args.r3f_sigma, args.r3f_noise, args.r3f_lambda) if args.r3f_sigma > 0 else None)
-  train_step = compile_train_step(step_fn, run)
+  loss = methods.wrap_loss(task_loss(model, is_regression=datasets.is_regression), pieces)
+  train_step = compile_train_step(make_train_step(tx, loss, schedule), run)
   eval_step = jax.jit(make_eval_step(model, is_regression=datasets.is_regression),
                       in_shardings=(run.replicated, run.data), out_shardings=run.replicated)
   evaluate_params = lambda params: evaluate_all(eval_step, params, eval_arrays, datasets, args, run)
