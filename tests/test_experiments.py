@@ -1,5 +1,6 @@
-"""train/experiments.py: the campaign runner (skip, resume, clean-up), the tables' numbers
-against the runs' own results, the probes, the figures and RESULTS.md, on a tiny model."""
+"""train/experiments/: the cells (validated before any run), the launcher (skip, resume,
+clean-up, failures, stopping), the tables' numbers against the runs' own results, the probe,
+the figures and RESULTS.md, on a tiny model."""
 
 import csv
 import json
@@ -8,6 +9,7 @@ import signal
 import sys
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,15 +19,16 @@ pytest.importorskip("torch")
 pytest.importorskip("matplotlib")
 
 import tiny_run  # noqa: E402
-from train import experiments, run_glue  # noqa: E402
+from train import arguments, run_glue  # noqa: E402
+from train.experiments import cells, cli, launcher, probe, report  # noqa: E402
 
-REAL_RUN_TRAINER = experiments.run_trainer  # the campaign fixture runs the trainer in-process
+REAL_RUN_TRAINER = launcher.run_trainer  # the campaign fixture runs the trainer in-process
 
 
 def test_mean_max_and_paired_deltas():
-  assert experiments.mean_max([70.0, 72.0, 74.5]) == "72.17 (74.50)"
-  assert experiments.mean_max([]) == "–"
-  delta, wins, shared = experiments.paired_delta({0: 71.0, 1: 70.0, 2: 90.0}, {0: 70.0, 1: 72.0})
+  assert report.mean_max([70.0, 72.0, 74.5]) == "72.17 (74.50)"
+  assert report.mean_max([]) == "–"
+  delta, wins, shared = report.paired_delta({0: 71.0, 1: 70.0, 2: 90.0}, {0: 70.0, 1: 72.0})
   assert (delta, wins, shared) == (-0.5, 1, 2)  # seed 2 has no baseline: not compared
 
 
@@ -34,12 +37,12 @@ def test_linear_probe_scores_a_linear_signal_and_not_noise():
   x = rng.normal(size=(400, 20))
   direction = rng.normal(size=20)
   labels = (x @ direction > 0).astype(np.int32)
-  assert experiments.linear_probe(x[:200], labels[:200], x[200:], labels[200:],
+  assert probe.linear_probe(x[:200], labels[:200], x[200:], labels[200:],
                                   regression=False) > 90
   noise = rng.integers(0, 2, 400)
-  assert experiments.linear_probe(x[:200], noise[:200], x[200:], noise[200:], regression=False) < 65
+  assert probe.linear_probe(x[:200], noise[:200], x[200:], noise[200:], regression=False) < 65
   target = x @ direction + 0.1 * rng.normal(size=400)
-  assert experiments.linear_probe(x[:200], target[:200], x[200:], target[200:], regression=True) > 95
+  assert probe.linear_probe(x[:200], target[:200], x[200:], target[200:], regression=True) > 95
 
 
 @pytest.fixture
@@ -58,13 +61,13 @@ def campaign(tmp_path, monkeypatch):
       csv.writer(file).writerows([("sentence", "label")] + [(t, f"{2.0 * y - 1:.2f}") for t, y in rows])
   model = tiny_run.write_checkpoint(tmp_path / "model")
 
-  monkeypatch.setitem(experiments.EXPERIMENT_CELLS, "methods", ["vanilla", "ct_f_0.3", "ct_d_0.3"])
-  monkeypatch.setitem(experiments.EXPERIMENT_CELLS, "ablations", ["vanilla", "ct_d_random"])
-  monkeypatch.setitem(experiments.EXPERIMENT_CELLS, "layers", ["ct_d_0.3"])
-  monkeypatch.setattr(experiments, "OVERLAP_TASKS", {
-      "RT": (experiments.TRAIN, 0), "RT again": (experiments.TRAIN, 1),
+  monkeypatch.setitem(cells.EXPERIMENT_CELLS, "methods", ["vanilla", "ct_f_0.3", "ct_d_0.3"])
+  monkeypatch.setitem(cells.EXPERIMENT_CELLS, "ablations", ["vanilla", "ct_d_random"])
+  monkeypatch.setitem(cells.EXPERIMENT_CELLS, "layers", ["ct_d_0.3"])
+  monkeypatch.setattr(cells, "OVERLAP_TASKS", {
+      "RT": (cells.TRAIN, 0), "RT again": (cells.TRAIN, 1),
       "Amazon": ("vader/amazon_binary.csv", 0), "NYT rating": ("vader/nyt_regression.csv", 0)})
-  monkeypatch.setattr(experiments, "PROBE_EXAMPLES", 50)
+  monkeypatch.setattr(probe, "PROBE_EXAMPLES", 50)
   calls = []
 
   def in_process(command, log, env):
@@ -72,7 +75,7 @@ def campaign(tmp_path, monkeypatch):
     calls.append(command[3:])
     return run_glue.cli(command[3:])
 
-  monkeypatch.setattr(experiments, "run_trainer", in_process)
+  monkeypatch.setattr(launcher, "run_trainer", in_process)
   argv = ["--root", str(tmp_path / "root"), "--data_dir", str(data),
           "--results_dir", str(tmp_path / "results"), "--results_md", str(tmp_path / "RESULTS.md"),
           "--model_name_or_path", str(model), "--seeds", "2", "--max_seq_length", "16",
@@ -83,7 +86,7 @@ def campaign(tmp_path, monkeypatch):
 
 def test_campaign_runs_resumes_and_reports_what_the_runs_measured(campaign):
   tmp_path, argv, calls = campaign
-  experiments.main(["methods", "ablations", "domain", "layers", *argv])
+  cli.main(["methods", "ablations", "domain", "layers", *argv])
   cells = ["vanilla", "ct_f_0.3", "ct_d_0.3", "ct_d_random"]
   assert len(calls) == 2 * len(cells)
   assert [c[c.index("--seed") + 1] for c in calls] == ["0"] * 4 + ["1"] * 4  # seeds outermost
@@ -106,13 +109,13 @@ def test_campaign_runs_resumes_and_reports_what_the_runs_measured(campaign):
   vanilla = [100 * r["eval_accuracy"] for r in results["vanilla"]]
   assert float(methods["ct_d_0.3"]["delta_vs_vanilla"]) == pytest.approx(
       np.mean(np.subtract(accuracy, vanilla)))
-  assert experiments.mean_max(accuracy) in (tmp_path / "results" / "methods.md").read_text()
+  assert report.mean_max(accuracy) in (tmp_path / "results" / "methods.md").read_text()
   ablations = (tmp_path / "results" / "ablations.md").read_text()
   pruned = [100 * r["eval_pruned_accuracy"] for r in results["ct_d_0.3"]]
-  assert "Prune" in ablations and experiments.mean_max(pruned) in ablations
+  assert "Prune" in ablations and report.mean_max(pruned) in ablations
   domain = (tmp_path / "results" / "domain.md").read_text()
   tweets = [100 * r["eval_tweets_binary_accuracy"] for r in results["ct_f_0.3"]]
-  assert experiments.mean_max(tweets) in domain
+  assert report.mean_max(tweets) in domain
   for figure in ("methods.png", "layers.png"):
     assert (tmp_path / "results" / figure).read_bytes()[:4] == b"\x89PNG"
 
@@ -120,7 +123,7 @@ def test_campaign_runs_resumes_and_reports_what_the_runs_measured(campaign):
   interrupted = root / "vanilla" / "seed_1"
   (interrupted / "all_results.json").unlink()
   calls.clear()
-  experiments.main(["methods", *argv])
+  cli.main(["methods", *argv])
   assert len(calls) == 1 and "--resume" in calls[0] and str(interrupted) in calls[0]
 
 
@@ -128,7 +131,7 @@ def test_overlap_probe_and_results_md(campaign):
   tmp_path, argv, calls = campaign
   (tmp_path / "RESULTS.md").write_text("old\n<!-- reading -->\nA hand-written reading.\n"
                                        "<!-- /reading -->\nold tables\n")
-  experiments.main(["overlap", *argv])
+  cli.main(["overlap", *argv])
   assert len(calls) == 4 and all("--do_train" in c for c in calls)
   with open(tmp_path / "results" / "overlap.csv") as file:
     overlap = {row["task"]: row for row in csv.DictReader(file)}
@@ -136,7 +139,7 @@ def test_overlap_probe_and_results_md(campaign):
   assert 0 < float(overlap["RT"]["RT again"]) < 1
   assert float(overlap["RT"]["NYT rating"]) == float(overlap["NYT rating"]["RT"])
 
-  experiments.main(["methods", "probe", "report", *argv])
+  cli.main(["methods", "probe", "report", *argv])
   with open(tmp_path / "results" / "probe.csv") as file:
     probe = {row["encoder"]: row for row in csv.DictReader(file)}
   assert set(probe) == {"Pretrained (no fine-tuning)", "Vanilla", "CT-F (p=0.3)", "CT-D (p=0.3)"}
@@ -152,12 +155,12 @@ def test_overlap_probe_and_results_md(campaign):
 
 def test_dry_run_prints_the_trainer_commands(campaign, capsys):
   tmp_path, argv, calls = campaign
-  experiments.main(["methods", "--dry_run", *argv])
+  cli.main(["methods", "--dry_run", *argv])
   printed = capsys.readouterr().out.splitlines()
   assert len(printed) == 6 and not calls
   assert all(line.startswith(f"{sys.executable} -m train.run_glue ") for line in printed)
   with pytest.raises(FileNotFoundError, match="prepare_data"):
-    experiments.main(["methods", "--dry_run", *argv[:2], "--data_dir", str(tmp_path / "none")])
+    cli.main(["methods", "--dry_run", *argv[:2], "--data_dir", str(tmp_path / "none")])
 
 
 @pytest.mark.parametrize("jobs", ["1", "2"])
@@ -169,24 +172,24 @@ def test_a_failed_run_is_reported_and_the_campaign_goes_on(campaign, monkeypatch
     calls.append(command[3:])
     code = 1 if "ChildTuning-F" in command else 0
     if code == 0:
-      (experiments.Path(command[command.index("--output_dir") + 1]) / "all_results.json").write_text(
+      (Path(command[command.index("--output_dir") + 1]) / "all_results.json").write_text(
           json.dumps({"eval_accuracy": 0.5}))
     return code
 
-  monkeypatch.setattr(experiments, "run_trainer", failing_for_ct_f)
-  monkeypatch.setitem(experiments.EXPERIMENT_CELLS, "methods", ["ct_f_0.3", "vanilla"])
+  monkeypatch.setattr(launcher, "run_trainer", failing_for_ct_f)
+  monkeypatch.setitem(cells.EXPERIMENT_CELLS, "methods", ["ct_f_0.3", "vanilla"])
   with pytest.raises(RuntimeError, match=r"2 run\(s\) failed: .*ct_f_0.3 seed 0.*ct_f_0.3 seed 1"):
-    experiments.main(["methods", *argv])
+    cli.main(["methods", *argv])
   assert len(calls) == 4  # vanilla ran for both seeds after CT-F failed
 
 
 def test_a_diverging_run_is_reported_as_failed(campaign, monkeypatch):
   tmp_path, argv, calls = campaign
-  monkeypatch.setitem(experiments.CELLS, "diverges", experiments.Cell(
-      "diverges", "Diverges", ("--mode", "vanilla", "--learning_rate", "1e9", "--max_steps", "3")))
-  monkeypatch.setitem(experiments.EXPERIMENT_CELLS, "methods", ["diverges"])
+  monkeypatch.setitem(cells.CELLS, "diverges", cells.Cell(
+      "diverges", "Diverges", {"mode": "vanilla", "learning_rate": 1e9, "max_steps": 3}))
+  monkeypatch.setitem(cells.EXPERIMENT_CELLS, "methods", ["diverges"])
   with pytest.raises(RuntimeError, match=r"2 run\(s\) failed: .*diverges seed 0.*diverges seed 1"):
-    experiments.main(["methods", *argv])
+    cli.main(["methods", *argv])
   assert not (tmp_path / "root" / "runs" / "diverges" / "seed_0" / "all_results.json").exists()
 
 
@@ -206,9 +209,9 @@ time.sleep(120)
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_a_stopped_campaign_stops_its_runs_cleanly_and_starts_no_more(campaign, monkeypatch, signum):
   tmp_path, argv, calls = campaign
-  monkeypatch.setattr(experiments, "run_trainer", REAL_RUN_TRAINER)
-  monkeypatch.setattr(experiments.Setting, "command", lambda self, cell, seed: [
-      sys.executable, "-c", FAKE_TRAINER, str(self.run_dir(cell.name, seed))])
+  monkeypatch.setattr(launcher, "run_trainer", REAL_RUN_TRAINER)
+  monkeypatch.setattr(cells, "command", lambda groups: [
+      sys.executable, "-c", FAKE_TRAINER, groups[2].output_dir])
   runs = tmp_path / "root" / "runs"
 
   def signal_when_both_started():
@@ -218,10 +221,42 @@ def test_a_stopped_campaign_stops_its_runs_cleanly_and_starts_no_more(campaign, 
     os.kill(os.getpid(), signum)
   threading.Thread(target=signal_when_both_started, daemon=True).start()
   with pytest.raises(KeyboardInterrupt):
-    experiments.main(["methods", *argv, "--jobs", "2"])
+    cli.main(["methods", *argv, "--jobs", "2"])
   started = sorted(p.parent for p in runs.glob("*/*/started"))
   assert len(started) == 2  # of 6 runs: no run starts after the signal
   # Each running trainer got one SIGTERM (not Ctrl-C's SIGINT as well: a second signal would
   # stop it without saving) and the campaign waited for it to save.
   assert [(p / "saved").read_text() for p in started] == [str(int(signal.SIGTERM))] * 2
   assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+def test_every_cell_is_validated_before_any_run_and_round_trips_as_a_command(campaign, monkeypatch):
+  tmp_path, argv, calls = campaign
+  setting = cli.parse(["methods", *argv, "--learning_rate", "1e-4"])[1]  # RecAdam needs lr x 5000 < 1
+  for name, cell in cells.CELLS.items():
+    groups = cells.arguments_of(setting, cell, seed=3)
+    command = cells.command(groups)
+    assert command[1:3] == ["-m", "train.run_glue"]
+    assert arguments.parse(command[3:], exit_on_error=False) == groups, name
+  monkeypatch.setitem(cells.CELLS, "typo", cells.Cell("typo", "Typo", {"mdoe": "vanilla"}))
+  monkeypatch.setitem(cells.CELLS, "impossible", cells.Cell(
+      "impossible", "Impossible", {"mode": "vanilla", "recadam_k": 0.1, "recadam_strength": 1e5}))
+  for bad in ("typo", "impossible"):
+    monkeypatch.setitem(cells.EXPERIMENT_CELLS, "methods", ["vanilla", bad])
+    with pytest.raises(ValueError, match=f"cell '{bad}'"):
+      cli.main(["methods", *argv])
+  assert not calls  # refused before the first run, not hours into the campaign
+
+
+def test_report_regenerates_the_same_tables_from_the_runs(campaign):
+  tmp_path, argv, calls = campaign
+  cli.main(["methods", "ablations", "domain", "layers", "report", *argv])
+  results = tmp_path / "results"
+  first = {p.name: p.read_bytes() for p in results.iterdir() if p.suffix in (".md", ".csv")}
+  for path in results.iterdir():
+    path.unlink()
+  calls.clear()
+  cli.main(["report", *argv])
+  assert not calls  # every run was finished
+  assert {p.name: p.read_bytes() for p in results.iterdir() if p.suffix in (".md", ".csv")} == first
+  assert set(first) >= {"methods.md", "ablations.csv", "domain.md", "layers.csv"}

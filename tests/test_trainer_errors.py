@@ -186,7 +186,7 @@ def test_a_crash_before_the_first_checkpoint_does_not_block_the_same_command(tin
 
 
 def test_a_full_disk_is_reported_in_one_clear_line(capsys, tiny, tmp_path, monkeypatch):
-  monkeypatch.setattr(trainer, "free_bytes", lambda directory: 10_000)
+  monkeypatch.setattr(checkpoints, "free_bytes", lambda directory: 10_000)
   code = command(tiny, tmp_path, "--mode", "vanilla", "--max_steps", "4", "--save_steps", "2")
   last = capsys.readouterr().err.strip().splitlines()[-1]
   assert code == 1
@@ -208,7 +208,7 @@ def small_filesystem(tmp_path):
 
 def test_a_disk_that_fills_during_a_save_is_reported_with_its_cause(capsys, tiny, small_filesystem,
                                                                     monkeypatch):
-  monkeypatch.setattr(trainer, "free_bytes", lambda directory: 2**40)  # past the check before a save
+  monkeypatch.setattr(checkpoints, "free_bytes", lambda directory: 2**40)  # past the check before a save
   code = command(tiny, small_filesystem / "out", "--mode", "vanilla", "--max_steps", "40",
                  "--save_steps", "2", "--save_total_limit", "100")
   last = capsys.readouterr().err.strip().splitlines()[-1]

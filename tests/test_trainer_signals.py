@@ -18,7 +18,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("torch")
 
 import tiny_run  # noqa: E402
-from train import checkpoints, input_pipeline, run_glue, trainer  # noqa: E402
+from train import checkpoints, input_pipeline, loop, run_glue, trainer  # noqa: E402
 
 FLAGS = ["--mode", "ChildTuning-F", "--learning_rate", "1e-3", "--max_steps", "8",
          "--save_steps", "3", "--warmup_steps", "2", "--seed", "7"]
@@ -97,7 +97,7 @@ def during_a_save(monkeypatch, signum):
 def test_a_signal_in_the_loop_saves_the_last_step_and_resume_gives_the_same_run(
     tiny, tmp_path, monkeypatch, uninterrupted, point, signum):
   point(monkeypatch, signum)
-  with pytest.raises(trainer.Stopped) as stopped:
+  with pytest.raises(loop.Stopped) as stopped:
     run(tiny, tmp_path)
   monkeypatch.undo()
   assert stopped.value.signum == signum and stopped.value.agreed
@@ -125,7 +125,7 @@ def test_a_signal_before_training_stops_at_once_and_blocks_nothing(tiny, tmp_pat
     os.kill(os.getpid(), signal.SIGTERM)
     raise AssertionError("the signal should have stopped the run")
   monkeypatch.setattr(trainer, "estimate_child_network", signalled_fisher_pass)
-  with pytest.raises(trainer.Stopped) as stopped:
+  with pytest.raises(loop.Stopped) as stopped:
     run(tiny, tmp_path, *flags)
   assert not stopped.value.agreed and "stopped by SIGTERM" in str(stopped.value)
   monkeypatch.undo()

@@ -284,6 +284,35 @@ def parse(argv: Sequence[str] | None = None, *, exit_on_error: bool = True
     command_line.error(str(error))
 
 
+def to_argv(*groups) -> list[str]:
+  """The command line that :func:`parse` turns back into these argument groups: every flag
+  whose value differs from its default, and the required ones.
+
+  Examples:
+    >>> from train.arguments import TrainingArguments, parse, to_argv
+    >>> argv = to_argv(TrainingArguments(output_dir="out", mode="vanilla", resume=True))
+    >>> argv
+    ['--output_dir', 'out', '--resume', 'true', '--mode', 'vanilla']
+    >>> parse(argv)[2] == TrainingArguments(output_dir="out", mode="vanilla", resume=True)
+    True
+  """
+  argv = []
+  for group in groups:
+    for field in dataclasses.fields(group):
+      value = getattr(group, field.name)
+      default = (field.default_factory() if field.default_factory is not dataclasses.MISSING
+                 else field.default)
+      if value == default and not field.metadata.get("required"):
+        continue
+      if value is None:
+        raise ValueError(f"--{field.name} None (its default is {default!r}) has no command-line "
+                         "spelling.")
+      values = value if isinstance(value, list) else [value]
+      argv += [f"--{field.name}", *(str(v).lower() if isinstance(v, bool) else str(v)
+                                     for v in values)]
+  return argv
+
+
 def as_dict(*groups) -> dict[str, Any]:
   """All flags of the argument groups as one flat JSON-ready dict."""
   result = {}

@@ -1,4 +1,6 @@
-"""Orbax checkpoints of the whole train state, for exact resume.
+"""Orbax checkpoints of the whole train state, for exact resume: writing them (finite states
+only, a full disk said plainly) and resuming them (refused when the flags that shape the
+state differ).
 
 A checkpoint is ``<output_dir>/checkpoints/<step>/`` (orbax's CheckpointManager
 layout) with two items: ``state`` (the train-state pytree: step, parameters,
@@ -14,12 +16,18 @@ using the key type of the state restored into.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging
+import shutil
 from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
+
+from train import loop
 
 logger = logging.getLogger(__name__)
 
@@ -102,3 +110,123 @@ def latest_params(directory: str | Path) -> Any:
   restored = checkpoints.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
   checkpoints.close()
   return restored["state"]["params"]
+
+
+# Flags that change what the train state holds: a checkpoint of another value cannot be resumed.
+STATE_FLAGS = ("model_name_or_path", "task_name", "train_file", "mode", "top_k_layers",
+               "mixout_p", "recadam_k", "decay_to_pretrained", "max_grad_norm", "weight_decay")
+# Flags that do not change the result of a resumed run.
+IGNORED_ON_RESUME = ("resume", "overwrite_output_dir", "output_dir", "disable_tqdm", "eval_steps",
+                     "save_steps", "save_total_limit", "num_devices", "jax_distributed",
+                     "coordinator_address", "num_processes", "process_id",
+                     "heartbeat_timeout_seconds")
+PATH_FLAGS = ("model_name_or_path", "train_file", "validation_file", "extra_eval_files")
+
+
+def normalized_flags(flags: dict) -> dict:
+  """Paths that exist as absolute real paths, so that one file spelled two ways compares equal."""
+  def real(value):
+    return str(Path(value).resolve()) if isinstance(value, str) and Path(value).exists() else value
+  return {name: ([real(v) for v in value] if isinstance(value, list) else real(value))
+          if name in PATH_FLAGS else value for name, value in flags.items()}
+
+
+class Saver:
+  """Writes checkpoints of finite states only, and says plainly when writing fails."""
+
+  def __init__(self, manager, flags: dict, batch_size: int):
+    self.manager = manager
+    self.metadata = {"flags": normalized_flags(flags), "batch_size": batch_size}
+    self.last_step = manager.latest_step()
+
+  def save(self, state) -> None:
+    step = int(state.step)
+    if step == self.last_step:
+      return
+    if not bool(_all_finite(state.params)):
+      raise loop.Diverged(f"after step {step} a parameter is NaN or infinite; it is not saved. "
+                     + self.kept())
+    # Refused here, a full disk gets one clear message instead of orbax's failing writer threads.
+    needed = sum(x.nbytes for x in jax.tree.leaves(key_data(state)))
+    free = free_bytes(self.manager.directory)
+    if free < 1.1 * needed + 2**16:
+      raise OSError(errno.ENOSPC, f"the checkpoint of step {step} needs about "
+                    f"{needed / 2**20:.1f} MiB, but {self.manager.directory} has "
+                    f"{free / 2**20:.1f} MiB free. {self.kept()} Free space (a lower "
+                    "--save_total_limit keeps fewer checkpoints), then continue with --resume")
+    with self._errors(step):
+      save(self.manager, step, state, {"step": step, **self.metadata})
+    self.last_step = step
+
+  def kept(self) -> str:
+    return (f"The last checkpoint, of step {self.last_step}, is kept." if self.last_step is not None
+            else "No checkpoint was written.")
+
+  def close(self) -> None:
+    """Waits for the checkpoint being written in the background, then releases the manager."""
+    with self._errors(self.last_step):
+      self.manager.wait_until_finished()
+    self.manager.close()
+
+  @contextlib.contextmanager
+  def _errors(self, step):
+    try:
+      yield
+    except Exception as error:
+      # Orbax (and tensorstore under it) wrap a file system's error (a full disk, a permission)
+      # in their own exception types; tensorstore marks it with "os_error_code".
+      chain = [error]
+      while chain[-1].__cause__ is not None or chain[-1].__context__ is not None:
+        chain.append(chain[-1].__cause__ or chain[-1].__context__)
+      cause = next((e for e in reversed(chain)
+                    if isinstance(e, OSError) or "os_error_code" in str(e)), None)
+      if cause is None:
+        raise
+      raise OSError(f"could not write the checkpoint of step {step} to {self.manager.directory}: "
+                    f"{str(cause).splitlines()[0]}. Free space (a lower --save_total_limit keeps "
+                    "fewer checkpoints), then continue with --resume (the last complete checkpoint "
+                    "is used).") from None
+
+
+def free_bytes(directory: Path) -> int:
+  return shutil.disk_usage(directory).free
+
+
+@jax.jit
+def _all_finite(params) -> jax.Array:
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(params)]))
+
+
+def check_resumable(checkpoints, flags: dict, batch_size: int) -> None:
+  """Refuses to resume a checkpoint written with other flags that shape the train state (its
+  restore could not work, or would mix two runs); warns about other differences."""
+  metadata = latest_metadata(checkpoints) or {}
+  saved, current = normalized_flags(metadata.get("flags", {})), normalized_flags(flags)
+  changed = {name: (saved[name], current.get(name)) for name in saved
+             if name not in IGNORED_ON_RESUME and saved[name] != current.get(name)}
+  described = ", ".join(f"--{name} {old!r} -> {new!r}" for name, (old, new) in changed.items())
+  blocking = [name for name in changed if name in STATE_FLAGS]
+  if blocking:
+    raise ValueError(
+        f"--resume: the checkpoint in {checkpoints.directory} (step {checkpoints.latest_step()}) "
+        f"was written by a run with other flags: {described}. Resume with that run's flags, or "
+        "start afresh with --overwrite_output_dir.")
+  if "batch_size" in metadata and metadata["batch_size"] != batch_size:
+    changed["global batch size"] = (metadata["batch_size"], batch_size)
+    described = ", ".join(f"{name}: {old!r} -> {new!r}" for name, (old, new) in changed.items())
+  if changed:
+    logger.warning("resuming with flags that differ from the checkpoint's run, so the result will "
+                   "differ from an uninterrupted run: %s", described)
+
+
+def restore(checkpoints, state):
+  """The latest checkpoint, placed as ``state``; a clear error if it does not fit."""
+  try:
+    restored, _ = restore_latest(checkpoints, state)
+  except Exception as error:  # orbax's message names its internals, not the cause
+    raise ValueError(
+        f"--resume: the checkpoint of step {checkpoints.latest_step()} in {checkpoints.directory} "
+        "does not fit this run's model and optimizer (another model, number of labels or "
+        f"method?): {type(error).__name__}: {str(error).splitlines()[0][:300]}. Resume with the "
+        "checkpoint's own model and flags, or start afresh with --overwrite_output_dir.") from None
+  return restored

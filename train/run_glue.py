@@ -20,7 +20,7 @@ if __package__ in (None, ""):  # run as `python train/run_glue.py`
 import jax  # noqa: E402
 
 from childtuning_jax.cpu import restart_keeping_freed_memory  # noqa: E402
-from train import arguments, distributed, trainer  # noqa: E402
+from train import arguments, distributed, loop, trainer  # noqa: E402
 
 
 def main(argv=None) -> dict:
@@ -41,7 +41,7 @@ def cli(argv=None) -> int:
   try:
     main(argv)
     code = 0
-  except trainer.Stopped as stop:
+  except loop.Stopped as stop:
     logging.warning("%s", stop)
     code = 128 + stop.signum
   except Exception:

@@ -1,4 +1,10 @@
-"""The training loop: optimizer, jitted steps, CT-D's child network, evaluation, outputs.
+"""A fine-tuning run: the optimizer, the jitted steps, CT-D's child network, evaluation, outputs.
+
+``train_and_evaluate`` runs the phases in order: :func:`start` (processes, output
+directory, data and model, every check that can fail before training), the
+:func:`child_network_phase` (CT-D's Fisher pass), :func:`initial_state` (the optimizer of
+the mode and the prior methods, train/methods.py; a resumed state), :func:`train` (the
+loop of train/loop.py), :func:`evaluate_and_write`.
 
 Everything that changes during training lives in one :class:`TrainState`
 pytree (step, parameters, optimizer state, dropout key), which is also what a
@@ -13,17 +19,13 @@ replicated; ``jax.jit`` inserts the gradient all-reduce.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import errno
 import functools
 import json
 import logging
 import math
 import re
 import shutil
-import signal
-import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -38,11 +40,10 @@ from tqdm.auto import tqdm
 
 import childtuning_jax as ct
 from childtuning_jax import _trees
-from train.text_datasets import batch_indices
 from train.metrics import compute_metrics
 from childtuning_jax.models import embedded_model_path, load_config, load_pretrained, resolve_checkpoint
 from train import checkpoints as checkpoints_lib
-from train import distributed, input_pipeline, methods
+from train import distributed, input_pipeline, loop, methods
 from train.arguments import DataArguments, ModelArguments, TrainingArguments, as_dict
 
 logger = logging.getLogger(__name__)
@@ -240,58 +241,6 @@ class Run:
       (self.output_dir / name).write_text(json.dumps(value, indent=2) + "\n")
 
 
-class Stopped(KeyboardInterrupt):
-  """The run stopped on SIGTERM or SIGINT. ``agreed``: every process stopped after the same
-  step (inside the training loop), having saved a checkpoint of it."""
-
-  def __init__(self, signum: int, message: str, *, agreed: bool = False):
-    super().__init__(message)
-    self.signum, self.agreed = signum, agreed
-
-
-class Diverged(RuntimeError):
-  """A non-finite loss, gradient norm or parameter: the run stops without saving it."""
-
-
-class StopSignals:
-  """SIGTERM (a preempted VM, a cluster's time limit) and SIGINT (Ctrl-C) for a whole run.
-
-  Inside the training loop (``deferred``) a signal is only noted: the loop finishes the step
-  it is in, saves a checkpoint and stops, so no buffer the step has donated is ever saved.
-  Anywhere else there is no new state to save and the run stops at once; so does a second
-  signal. Installed only in the main thread (Python delivers signals there), and again after
-  ``jax.distributed.initialize``, whose preemption notifier takes SIGTERM over and ignores it.
-  """
-
-  def __init__(self):
-    self.signum: int | None = None
-    self.deferred = False
-    self._previous: dict[int, Any] = {}
-
-  def __enter__(self) -> "StopSignals":
-    if threading.current_thread() is threading.main_thread():
-      for signum in (signal.SIGTERM, signal.SIGINT):
-        self._previous[signum] = signal.signal(signum, self._handle)
-    return self
-
-  def install_again(self) -> None:
-    for signum in self._previous:
-      signal.signal(signum, self._handle)
-
-  def __exit__(self, *exc_info) -> None:
-    for signum, handler in self._previous.items():
-      signal.signal(signum, handler)
-
-  def _handle(self, signum, frame) -> None:
-    name = signal.Signals(signum).name
-    if self.deferred and self.signum is None:
-      self.signum = signum
-      logger.warning("%s: stopping after this step, with a checkpoint (send it again to stop at "
-                     "once, without one)", name)
-      return
-    raise Stopped(signum, f"stopped by {name}")
-
-
 def earlier_run(output_dir: Path) -> list[str]:
   """What in ``output_dir`` is worth keeping from an earlier run: a complete checkpoint, or
   final results. (A run that crashed before its first checkpoint leaves neither.)"""
@@ -416,8 +365,8 @@ def evaluate(eval_step, params, arrays: dict, datasets, args: TrainingArguments,
   predictions = np.concatenate(predictions)
   results = {"loss": float(np.mean(np.concatenate(losses)))}
   if not math.isfinite(results["loss"]):
-    raise Diverged(f"evaluation on {name}: the loss is {results['loss']}; the model's outputs are "
-                   "not finite, so its metrics would mean nothing.")
+    raise loop.Diverged(f"evaluation on {name}: the loss is {results['loss']}; the model's "
+                        "outputs are not finite, so its metrics would mean nothing.")
   results.update(compute_metrics(datasets.task_name, predictions, arrays["labels"],
                                  is_regression=datasets.is_regression))
   results["samples"] = len(predictions)
@@ -434,211 +383,6 @@ def evaluate_all(eval_step, params, eval_arrays, datasets, args, run) -> dict[st
   return results
 
 
-class MetricsLog:
-  """``metrics.jsonl``: one JSON object per training step (and per evaluation).
-
-  Resuming from the checkpoint of step ``k`` keeps what the log held at that checkpoint: the
-  steps up to ``k`` and the evaluations before it (an evaluation of step ``k`` is written
-  before its checkpoint, except the final one, which comes after the last checkpoint).
-  """
-
-  def __init__(self, path: Path, *, keep_until_step: int, final_step: int, enabled: bool):
-    self.path, self.enabled = path, enabled
-    if enabled and path.exists():
-      def kept(record):
-        if record["step"] < keep_until_step or "loss" in record:
-          return record["step"] <= keep_until_step
-        return record["step"] == keep_until_step and keep_until_step != final_step
-      lines = [line for line in path.read_text().splitlines()
-               if line.strip() and kept(json.loads(line))]
-      path.write_text("".join(line + "\n" for line in lines))
-
-  def write(self, record: dict) -> None:
-    if self.enabled:
-      with open(self.path, "a") as file:
-        file.write(json.dumps(record) + "\n")
-
-  def train_losses(self) -> list[float]:
-    if not self.path.exists():
-      return []
-    records = (json.loads(line) for line in self.path.read_text().splitlines() if line.strip())
-    return [r["loss"] for r in records if "loss" in r]
-
-
-# Flags that change what the train state holds: a checkpoint of another value cannot be resumed.
-STATE_FLAGS = ("model_name_or_path", "task_name", "train_file", "mode", "top_k_layers",
-               "mixout_p", "recadam_k", "decay_to_pretrained", "max_grad_norm", "weight_decay")
-# Flags that do not change the result of a resumed run.
-IGNORED_ON_RESUME = ("resume", "overwrite_output_dir", "output_dir", "disable_tqdm", "eval_steps",
-                     "save_steps", "save_total_limit", "num_devices", "jax_distributed",
-                     "coordinator_address", "num_processes", "process_id",
-                     "heartbeat_timeout_seconds")
-PATH_FLAGS = ("model_name_or_path", "train_file", "validation_file", "extra_eval_files")
-
-
-def normalized_flags(flags: dict) -> dict:
-  """Paths that exist as absolute real paths, so that one file spelled two ways compares equal."""
-  def real(value):
-    return str(Path(value).resolve()) if isinstance(value, str) and Path(value).exists() else value
-  return {name: ([real(v) for v in value] if isinstance(value, list) else real(value))
-          if name in PATH_FLAGS else value for name, value in flags.items()}
-
-
-class Saver:
-  """Writes checkpoints of finite states only, and says plainly when writing fails."""
-
-  def __init__(self, manager, flags: dict, batch_size: int):
-    self.manager = manager
-    self.metadata = {"flags": normalized_flags(flags), "batch_size": batch_size}
-    self.last_step = manager.latest_step()
-
-  def save(self, state: TrainState) -> None:
-    step = int(state.step)
-    if step == self.last_step:
-      return
-    if not bool(_all_finite(state.params)):
-      raise Diverged(f"after step {step} a parameter is NaN or infinite; it is not saved. "
-                     + self.kept())
-    # Refused here, a full disk gets one clear message instead of orbax's failing writer threads.
-    needed = sum(x.nbytes for x in jax.tree.leaves(checkpoints_lib.key_data(state)))
-    free = free_bytes(self.manager.directory)
-    if free < 1.1 * needed + 2**16:
-      raise OSError(errno.ENOSPC, f"the checkpoint of step {step} needs about "
-                    f"{needed / 2**20:.1f} MiB, but {self.manager.directory} has "
-                    f"{free / 2**20:.1f} MiB free. {self.kept()} Free space (a lower "
-                    "--save_total_limit keeps fewer checkpoints), then continue with --resume")
-    with self._errors(step):
-      checkpoints_lib.save(self.manager, step, state, {"step": step, **self.metadata})
-    self.last_step = step
-
-  def kept(self) -> str:
-    return (f"The last checkpoint, of step {self.last_step}, is kept." if self.last_step is not None
-            else "No checkpoint was written.")
-
-  def close(self) -> None:
-    """Waits for the checkpoint being written in the background, then releases the manager."""
-    with self._errors(self.last_step):
-      self.manager.wait_until_finished()
-    self.manager.close()
-
-  @contextlib.contextmanager
-  def _errors(self, step):
-    try:
-      yield
-    except Exception as error:
-      # Orbax (and tensorstore under it) wrap a file system's error (a full disk, a permission)
-      # in their own exception types; tensorstore marks it with "os_error_code".
-      chain = [error]
-      while chain[-1].__cause__ is not None or chain[-1].__context__ is not None:
-        chain.append(chain[-1].__cause__ or chain[-1].__context__)
-      cause = next((e for e in reversed(chain)
-                    if isinstance(e, OSError) or "os_error_code" in str(e)), None)
-      if cause is None:
-        raise
-      raise OSError(f"could not write the checkpoint of step {step} to {self.manager.directory}: "
-                    f"{str(cause).splitlines()[0]}. Free space (a lower --save_total_limit keeps "
-                    "fewer checkpoints), then continue with --resume (the last complete checkpoint "
-                    "is used).") from None
-
-
-def free_bytes(directory: Path) -> int:
-  return shutil.disk_usage(directory).free
-
-
-@jax.jit
-def _all_finite(params) -> jax.Array:
-  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(params)]))
-
-
-@dataclasses.dataclass(frozen=True)
-class Steps:
-  """How many optimizer steps a run takes, and of what size."""
-
-  total: int
-  per_epoch: int
-  batch_size: int  # the global batch: per device x devices
-
-
-def train_loop(state: TrainState, train_step, evaluate_params: Callable, train_arrays: dict,
-               steps: Steps, args: TrainingArguments, run: Run, log: MetricsLog, saver: Saver,
-               signals: StopSignals) -> TrainState:
-  """Steps from ``state.step`` to ``steps.total``: logs every step, evaluates every
-  ``--eval_steps``, saves every ``--save_steps`` and at the end.
-
-  A step's metrics are read after the next step is dispatched (so the device never waits
-  for the host). They are checked before the state they led to is saved: a non-finite loss
-  or gradient norm raises :class:`Diverged`, and nothing after the last good checkpoint is
-  saved. A stop signal is passed through the step to every process; all then finish the
-  step they are in, save it and raise :class:`Stopped`.
-  """
-  start_step = int(state.step)
-  bar = tqdm(total=steps.total, initial=start_step, desc="train", unit="step",
-             disable=not run.progress)
-
-  def finish(step_metrics, step, seconds) -> bool:
-    """Checks and logs one step's metrics; returns whether a process asked to stop."""
-    values = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
-    stop = values.pop("stop_requested", 0.0) > 0
-    if not (math.isfinite(values["loss"]) and math.isfinite(values["grad_norm"])):
-      remedies = [f"a lower --learning_rate (now {args.learning_rate:g})"]
-      if args.warmup_ratio == 0 and args.warmup_steps == 0:
-        remedies.append("a warmup (--warmup_ratio 0.1)")
-      if args.max_grad_norm == 0:
-        remedies.append("gradient clipping (--max_grad_norm 1)")
-      raise Diverged(
-          f"step {step}: the loss is {values['loss']} and the gradient norm "
-          f"{values['grad_norm']}: training diverged. {saver.kept()} Try {', '.join(remedies)}, "
-          "or look for extreme values in the training data.")
-    log.write({"step": step, "epoch": round(step / steps.per_epoch, 4), **values,
-               "examples_per_second": round(steps.batch_size / seconds, 2)})
-    bar.set_postfix(loss=f"{values['loss']:.4f}", ex_s=f"{steps.batch_size / seconds:.1f}")
-    return stop
-
-  order_epoch, order = None, None
-  pending = None  # the previous step's metrics, read after the next step is dispatched
-  stop = False
-  signals.deferred = True
-  try:
-    step_started = time.perf_counter()
-    for step in range(start_step, steps.total):
-      epoch, position = divmod(step, steps.per_epoch)
-      if epoch != order_epoch:
-        order_epoch = epoch
-        order = list(batch_indices(len(train_arrays["labels"]), steps.batch_size, seed=args.seed,
-                                   epoch=epoch))
-      batch = input_pipeline.take(train_arrays, order[position])
-      batch["stop_requested"] = np.full(steps.batch_size, signals.signum is not None, np.int32)
-      state, metrics = train_step(state, input_pipeline.place(batch, run.data))
-      if pending is not None:
-        stop |= finish(*pending)
-      now = time.perf_counter()
-      done = step + 1
-      pending = (metrics, done, now - step_started)
-      step_started = now
-      bar.update(1)
-      saving = done % args.save_steps == 0 or done == steps.total
-      evaluating = args.eval_steps and done % args.eval_steps == 0 and done != steps.total
-      if saving or evaluating or stop:  # the log then holds every step up to the checkpoint
-        stop |= finish(*pending)
-        pending = None
-      if evaluating:  # before the checkpoint: a resume from it finds the evaluation logged
-        log.write({"step": done, **evaluate_params(state.params)})
-      if saving or stop:
-        saver.save(state)
-      if stop:
-        break
-  finally:
-    signals.deferred = False
-    bar.close()
-  if stop:
-    signum = signals.signum or signal.SIGTERM
-    who = (signal.Signals(signum).name if signals.signum is not None
-           else "a signal to another process")
-    raise Stopped(signum, f"stopped by {who} after step {int(state.step)}, with a checkpoint of "
-                  "it: continue with the same command and --resume.", agreed=True)
-  return state
-
-
 # ----------------------------------------------------------------------------- the run
 
 
@@ -647,104 +391,163 @@ def train_and_evaluate(model_args: ModelArguments, data_args: DataArguments,
   """Fine-tunes and evaluates as the flags say; returns the final ``all_results``.
 
   Raises :class:`Stopped` on SIGTERM/SIGINT (after saving, inside the training loop) and
-  :class:`Diverged` on a non-finite loss; with several processes, a process that fails
+  :class:`loop.Diverged` on a non-finite loss; with several processes, a process that fails
   alone tells the others, which stop too (``train/distributed.py``).
   """
-  with StopSignals() as signals:
+  with loop.StopSignals() as signals:
     try:
       return _train_and_evaluate(model_args, data_args, args, signals)
     except BaseException as error:
-      if not (getattr(error, "agreed", False) or isinstance(error, Diverged)):
+      if not (getattr(error, "agreed", False) or isinstance(error, loop.Diverged)):
         distributed.report_failure(error)  # every process reaches the other two together
       raise
 
 
+@dataclasses.dataclass
+class Setup:
+  """What the phases of a run share, once start-up is done."""
+
+  args: TrainingArguments
+  flags: dict  # every flag, as run_args.json and the checkpoints' metadata hold them
+  run: Run
+  datasets: Any
+  train_arrays: dict
+  eval_arrays: dict
+  model: Any
+  params: Any  # the pretrained parameters (a fresh head where the checkpoint has none)
+  from_checkpoint: Callable[[str], bool]
+  steps: loop.Steps
+  schedule: optax.Schedule
+  checkpoints: Any  # the orbax manager (None without training)
+  resuming: bool
+
+
 def _train_and_evaluate(model_args, data_args, args, signals) -> dict[str, float]:
+  setup = start(model_args, data_args, args, signals)
+  mask, child_network_runtime = child_network_phase(setup)
+  state, tx, pieces = initial_state(setup, mask)
+  state, runtime, log = train(setup, state, tx, pieces, signals)
+  return evaluate_and_write(setup, state, log, runtime, child_network_runtime)
+
+
+def start(model_args, data_args, args, signals) -> Setup:
+  """Processes, output directory, devices, data and model, the plan of steps, and every check
+  that can fail before training (a resume included)."""
   distributed.initialize(args)
   signals.install_again()
   prepare_output_dir(args)
   run = Run(args)
   flags = as_dict(model_args, data_args, args)
-
   datasets, train_arrays, eval_arrays, model, params, from_checkpoint = load_data_and_model(
       model_args, data_args, args)
   steps = plan_steps(args, run, len(train_arrays["labels"]))
-  schedule = learning_rate_schedule(args, steps.total)
-  dropout_key, ctf_key = jax.random.split(jax.random.key(args.seed))
-
   checkpoints = (checkpoints_lib.manager(run.output_dir / "checkpoints", args.save_total_limit)
                  if args.do_train else None)
   resuming = checkpoints is not None and args.resume and checkpoints.latest_step() is not None
   if resuming:
-    check_resumable(checkpoints, flags, steps.batch_size)
+    checkpoints_lib.check_resumable(checkpoints, flags, steps.batch_size)
   run.write_json("run_args.json", flags)
+  return Setup(args=args, flags=flags, run=run, datasets=datasets, train_arrays=train_arrays,
+               eval_arrays=eval_arrays, model=model, params=params,
+               from_checkpoint=from_checkpoint, steps=steps,
+               schedule=learning_rate_schedule(args, steps.total), checkpoints=checkpoints,
+               resuming=resuming)
 
-  mask, child_network_runtime = None, None
-  if args.mode == "ChildTuning-D":
-    if resuming:  # the child network comes back with the optimizer state
-      mask = jax.tree.map(lambda p: np.ones(p.shape, bool), params)
-    else:
-      started = time.perf_counter()
-      mask = estimate_child_network(model, checkpoints_lib.place(params, run.replicated),
-                                    train_arrays, datasets, args, run)
-      child_network_runtime = round(time.perf_counter() - started, 3)
-  context = methods.Context(args=args, model=model, params=params, schedule=schedule,
-                            from_checkpoint=from_checkpoint,
-                            logits=functools.partial(logits_of, model))
+
+def child_network_phase(setup: Setup) -> tuple[Any, float | None]:
+  """CT-D's child network before training (``(mask, seconds)``; ``(None, None)`` in the
+  other modes). A resumed run's child network comes back with its optimizer state."""
+  if setup.args.mode != "ChildTuning-D":
+    return None, None
+  if setup.resuming:  # a stand-in of the right structure, replaced by the restore
+    return jax.tree.map(lambda p: np.ones(p.shape, bool), setup.params), None
+  started = time.perf_counter()
+  mask = estimate_child_network(setup.model, checkpoints_lib.place(setup.params, setup.run.replicated),
+                                setup.train_arrays, setup.datasets, setup.args, setup.run)
+  return mask, round(time.perf_counter() - started, 3)
+
+
+def initial_state(setup: Setup, mask: Any):
+  """``(state, tx, pieces)``: the optimizer of the mode and the chosen methods, and the train
+  state at step 0 or, resuming, at the latest checkpoint."""
+  args = setup.args
+  dropout_key, ctf_key = jax.random.split(jax.random.key(args.seed))
+  context = methods.Context(args=args, model=setup.model, params=setup.params,
+                            schedule=setup.schedule, from_checkpoint=setup.from_checkpoint,
+                            logits=functools.partial(logits_of, setup.model))
   pieces = methods.chosen(context)
-  tx = optimizer(args, schedule, pieces, key=ctf_key, mask=mask)
+  tx = optimizer(args, setup.schedule, pieces, key=ctf_key, mask=mask)
   # w0 is a copy: the state is donated to the step, and a buffer cannot be donated twice.
   needs_pretrained = any(piece.needs_pretrained for piece in pieces)
-  pretrained = jax.tree.map(jnp.array, params) if needs_pretrained else None
+  pretrained = jax.tree.map(jnp.array, setup.params) if needs_pretrained else None
   state = checkpoints_lib.place(
-      TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                 dropout_key=dropout_key, pretrained=pretrained), run.replicated)
-  if resuming:
-    state = restore(checkpoints, state)
+      TrainState(step=jnp.zeros((), jnp.int32), params=setup.params,
+                 opt_state=tx.init(setup.params), dropout_key=dropout_key, pretrained=pretrained),
+      setup.run.replicated)
+  if setup.resuming:
+    state = checkpoints_lib.restore(setup.checkpoints, state)
   if args.mode == "ChildTuning-D":
-    write_child_network(child_network_of(state.opt_state), run)
+    write_child_network(child_network_of(state.opt_state), setup.run)
+  return state, tx, pieces
 
-  loss = methods.wrap_loss(task_loss(model, is_regression=datasets.is_regression), pieces)
-  train_step = compile_train_step(make_train_step(tx, loss, schedule), run)
-  eval_step = jax.jit(make_eval_step(model, is_regression=datasets.is_regression),
+
+def _evaluator(setup: Setup) -> tuple[Callable, Callable]:
+  """``(eval_step, evaluate_params)``: the jitted evaluation step, and every evaluation set's
+  metrics for some parameters."""
+  run, datasets = setup.run, setup.datasets
+  eval_step = jax.jit(make_eval_step(setup.model, is_regression=datasets.is_regression),
                       in_shardings=(run.replicated, run.data), out_shardings=run.replicated)
-  evaluate_params = lambda params: evaluate_all(eval_step, params, eval_arrays, datasets, args, run)
+  return eval_step, lambda params: evaluate_all(eval_step, params, setup.eval_arrays, datasets,
+                                                setup.args, run)
 
+
+def train(setup: Setup, state: TrainState, tx, pieces, signals: loop.StopSignals):
+  """The training loop from the state's step (``(state, seconds, metrics log)``)."""
+  args, run, steps = setup.args, setup.run, setup.steps
   start_step = int(state.step)
-  log = MetricsLog(run.output_dir / "metrics.jsonl", keep_until_step=start_step,
+  log = loop.MetricsLog(run.output_dir / "metrics.jsonl", keep_until_step=start_step,
                    final_step=steps.total, enabled=run.is_main)
-  runtime = 0.0
-  if args.do_train:
-    logger.info("%s: %d examples, %d devices, batch %d, %d steps (%d per epoch), from step %d",
-                args.mode, len(train_arrays["labels"]), run.num_devices, steps.batch_size,
-                steps.total, steps.per_epoch, start_step)
-    saver = Saver(checkpoints, flags, steps.batch_size)
-    started = time.perf_counter()
-    try:
-      state = train_loop(state, train_step, evaluate_params, train_arrays, steps, args, run, log,
-                         saver, signals)
-    finally:
-      saver.close()
-    runtime = time.perf_counter() - started
+  if not args.do_train:
+    return state, 0.0, log
+  loss = methods.wrap_loss(task_loss(setup.model, is_regression=setup.datasets.is_regression),
+                           pieces)
+  train_step = compile_train_step(make_train_step(tx, loss, setup.schedule), run)
+  logger.info("%s: %d examples, %d devices, batch %d, %d steps (%d per epoch), from step %d",
+              args.mode, len(setup.train_arrays["labels"]), run.num_devices, steps.batch_size,
+              steps.total, steps.per_epoch, start_step)
+  saver = checkpoints_lib.Saver(setup.checkpoints, setup.flags, steps.batch_size)
+  started = time.perf_counter()
+  try:
+    state = loop.train_loop(state, train_step, _evaluator(setup)[1], setup.train_arrays, steps,
+                            args, run, log, saver, signals)
+  finally:
+    saver.close()
+  return state, time.perf_counter() - started, log
 
+
+def evaluate_and_write(setup: Setup, state: TrainState, log: loop.MetricsLog, runtime: float,
+                       child_network_runtime: float | None) -> dict[str, float]:
+  """The final evaluation (with CT-D's pruned one if asked) and run_glue's result files."""
+  args, run, steps = setup.args, setup.run, setup.steps
   results = {}
   if args.do_eval:
+    eval_step, evaluate_params = _evaluator(setup)
     results = evaluate_params(state.params)
     if args.prune_at_eval:  # Table 5's "Prune": the weights outside the child network set to 0
       mask = child_network_of(state.opt_state)
       pruned = jax.tree.map(lambda p, keep: jnp.where(keep, p, 0), state.params, mask)
-      name, arrays = next(iter(eval_arrays.items()))
-      results.update({f"eval_pruned_{metric}": value for metric, value in
-                      evaluate(eval_step, pruned, arrays, datasets, args, run, f"{name} pruned").items()})
+      name, arrays = next(iter(setup.eval_arrays.items()))
+      results.update({f"eval_pruned_{metric}": value for metric, value in evaluate(
+          eval_step, pruned, arrays, setup.datasets, args, run, f"{name} pruned").items()})
     log.write({"step": steps.total, **results})
   all_results = dict(results)
   if args.do_train:
     losses = log.train_losses()
-    steps_run = steps.total - start_step
+    steps_run = steps.total - log.start_step
     train_results = {
         "train_loss": float(np.mean(losses)) if losses else float("nan"),
         "train_runtime": round(runtime, 3),
-        "train_samples": len(train_arrays["labels"]),
+        "train_samples": len(setup.train_arrays["labels"]),
         "train_steps": steps.total,
         "train_samples_per_second": (round(steps_run * steps.batch_size / runtime, 3)
                                      if steps_run else 0.0),
@@ -796,7 +599,7 @@ def load_data_and_model(model_args: ModelArguments, data_args: DataArguments,
   return datasets, train_arrays, eval_arrays, model, params, from_checkpoint
 
 
-def plan_steps(args: TrainingArguments, run: Run, num_examples: int) -> Steps:
+def plan_steps(args: TrainingArguments, run: Run, num_examples: int) -> loop.Steps:
   batch_size = args.per_device_train_batch_size * run.num_devices
   per_epoch = num_examples // batch_size
   if per_epoch == 0 and args.do_train:
@@ -804,39 +607,4 @@ def plan_steps(args: TrainingArguments, run: Run, num_examples: int) -> Steps:
                      f"({args.per_device_train_batch_size} per device x {run.num_devices} devices).")
   per_epoch = max(per_epoch, 1)  # without training: only names the schedule
   total = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * per_epoch)
-  return Steps(total=total, per_epoch=per_epoch, batch_size=batch_size)
-
-
-def check_resumable(checkpoints, flags: dict, batch_size: int) -> None:
-  """Refuses to resume a checkpoint written with other flags that shape the train state (its
-  restore could not work, or would mix two runs); warns about other differences."""
-  metadata = checkpoints_lib.latest_metadata(checkpoints) or {}
-  saved, current = normalized_flags(metadata.get("flags", {})), normalized_flags(flags)
-  changed = {name: (saved[name], current.get(name)) for name in saved
-             if name not in IGNORED_ON_RESUME and saved[name] != current.get(name)}
-  described = ", ".join(f"--{name} {old!r} -> {new!r}" for name, (old, new) in changed.items())
-  blocking = [name for name in changed if name in STATE_FLAGS]
-  if blocking:
-    raise ValueError(
-        f"--resume: the checkpoint in {checkpoints.directory} (step {checkpoints.latest_step()}) "
-        f"was written by a run with other flags: {described}. Resume with that run's flags, or "
-        "start afresh with --overwrite_output_dir.")
-  if "batch_size" in metadata and metadata["batch_size"] != batch_size:
-    changed["global batch size"] = (metadata["batch_size"], batch_size)
-    described = ", ".join(f"{name}: {old!r} -> {new!r}" for name, (old, new) in changed.items())
-  if changed:
-    logger.warning("resuming with flags that differ from the checkpoint's run, so the result will "
-                   "differ from an uninterrupted run: %s", described)
-
-
-def restore(checkpoints, state: TrainState) -> TrainState:
-  """The latest checkpoint, placed as ``state``; a clear error if it does not fit."""
-  try:
-    restored, _ = checkpoints_lib.restore_latest(checkpoints, state)
-  except Exception as error:  # orbax's message names its internals, not the cause
-    raise ValueError(
-        f"--resume: the checkpoint of step {checkpoints.latest_step()} in {checkpoints.directory} "
-        "does not fit this run's model and optimizer (another model, number of labels or "
-        f"method?): {type(error).__name__}: {str(error).splitlines()[0][:300]}. Resume with the "
-        "checkpoint's own model and flags, or start afresh with --overwrite_output_dir.") from None
-  return restored
+  return loop.Steps(total=total, per_epoch=per_epoch, batch_size=batch_size)

@@ -1,0 +1,159 @@
+"""What the experiments run: the shared setting, the cells (a method and its flags) and the
+child networks of the overlap figure, each turned into the trainer's argument dataclasses.
+
+A cell's flags are field values of ``train.arguments.TrainingArguments``; the setting adds
+the data, the model and the shared training flags. :func:`arguments_of` builds the three
+argument groups, which validate themselves (a typo or an impossible value fails here, in
+the campaign's own process, before any run starts), and :func:`command` writes them as a
+``train.run_glue`` command line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from pathlib import Path
+from typing import Any
+
+from train import arguments
+
+TRAIN = "rotten_tomatoes/train.csv"
+VALIDATION = "rotten_tomatoes/validation.csv"
+OUT_OF_DOMAIN = {"amazon_binary": "Amazon", "nyt_binary": "NYT", "tweets_binary": "Tweets"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Cell:
+  """One row of a table: a method, as ``TrainingArguments`` field values (``mode`` included)."""
+
+  name: str
+  label: str
+  flags: dict[str, Any]
+  out_of_domain: bool = False  # also evaluate on the other domains (Table 2's cells)
+  keep_checkpoint: bool = False  # the probe reads the fine-tuned encoder from it
+
+
+def _ct_f(p):
+  return Cell(f"ct_f_{p}", f"CT-F (p={p})", {"mode": "ChildTuning-F", "reserve_p": p},
+              out_of_domain=p == 0.3, keep_checkpoint=p == 0.3)
+
+
+def _ct_d(p, name=None, label=None, **extra):
+  main = p == 0.3 and not extra  # the CT-D cell of the ablations, domain and probe
+  return Cell(name or f"ct_d_{p}", label or f"CT-D (p={p})",
+              {"mode": "ChildTuning-D", "reserve_p": p, **extra, "prune_at_eval": main},
+              out_of_domain=main, keep_checkpoint=main)
+
+
+# One point of each prior method's grid in the paper (Appendix C), not tuned here.
+CELLS = {cell.name: cell for cell in [
+    Cell("vanilla", "Vanilla", {"mode": "vanilla"}, out_of_domain=True, keep_checkpoint=True),
+    _ct_f(0.2), _ct_f(0.3), _ct_f(0.4),
+    _ct_d(0.1), _ct_d(0.2), _ct_d(0.3),
+    Cell("weight_decay", "Weight Decay (λ=0.1)", {"mode": "vanilla", "decay_to_pretrained": 0.1}),
+    Cell("top_k", "Top-K (K=3 of 6)", {"mode": "vanilla", "top_k_layers": 3}),
+    Cell("mixout", "Mixout (p=0.3)", {"mode": "vanilla", "mixout_p": 0.3}),
+    Cell("recadam", "RecAdam (k=0.1, t0=50)", {"mode": "vanilla", "recadam_k": 0.1, "recadam_t0": 50}),
+    Cell("r3f", "R3F (σ=0.1, normal)", {"mode": "vanilla", "r3f_sigma": 0.1}),
+    _ct_d(0.3, name="ct_d_r3f", label="CT-D (p=0.3) + R3F (σ=0.1)", r3f_sigma=0.1),
+    _ct_d(0.3, name="ct_d_random", label="Random (p=0.3)", child_network="random"),
+    _ct_d(0.3, name="ct_d_lowest", label="Lowest Info. (p=0.3)", child_network="lowest_fisher"),
+]}
+
+# The cells each experiment runs (the overlap figure runs child networks only: OVERLAP_TASKS).
+EXPERIMENT_CELLS = {
+    "methods": ["vanilla", "ct_f_0.2", "ct_f_0.3", "ct_f_0.4", "ct_d_0.1", "ct_d_0.2", "ct_d_0.3",
+                "weight_decay", "top_k", "mixout", "recadam", "r3f", "ct_d_r3f"],
+    "ablations": ["vanilla", "ct_d_0.3", "ct_d_random", "ct_d_lowest"],
+    "domain": ["vanilla", "ct_f_0.3", "ct_d_0.3"],
+    "probe": ["vanilla", "ct_f_0.3", "ct_d_0.3"],
+    "layers": ["ct_d_0.1", "ct_d_0.2", "ct_d_0.3"],
+    "overlap": [],
+}
+
+# Figure 3: name -> (training file under data_dir, seed); each a CT-D child network (p=0.3)
+# from the Fisher information of a task; Rotten Tomatoes twice, with different subsets.
+OVERLAP_TASKS = {
+    "Rotten Tomatoes": (TRAIN, 0),
+    "Rotten Tomatoes (other 1k)": (TRAIN, 1),
+    "VADER movies (rating)": ("vader/movie_regression.csv", 0),
+    "Amazon": ("vader/amazon_binary.csv", 0),
+    "NYT": ("vader/nyt_binary.csv", 0),
+    "NYT (rating)": ("vader/nyt_regression.csv", 0),
+    "Tweets": ("vader/tweets_binary.csv", 0),
+}
+OVERLAP_P = 0.3
+
+
+@dataclasses.dataclass
+class Setting:
+  """What every run shares; the command-line options of ``python -m train.experiments``."""
+
+  root: Path
+  data_dir: Path
+  seeds: int = 5
+  model_name_or_path: str | None = None
+  max_train_samples: int = 1000
+  max_seq_length: int = 48
+  num_train_epochs: float = 3.0
+  learning_rate: float = 1e-4
+  per_device_train_batch_size: int = 16
+  max_eval_samples: int = 1000
+  fisher_num_examples: int = 256
+  jobs: int = 1
+  results_dir: Path = Path("results")
+  results_md: Path = Path("RESULTS.md")
+  dry_run: bool = False
+
+  def run_dir(self, cell: str, seed: int) -> Path:
+    return self.root / "runs" / cell / f"seed_{seed}"
+
+  def overlap_dir(self, relative: str, seed: int) -> Path:
+    return self.root / "overlap" / f"{Path(relative).stem}_seed_{seed}"
+
+  def data(self, relative: str) -> Path:
+    path = self.data_dir / relative
+    if not path.is_file():
+      raise FileNotFoundError(f"{path} is missing: run `python -m train.prepare_data --output_dir "
+                              f"{self.data_dir}` first.")
+    return path
+
+
+def _groups(setting: Setting, data: dict, training: dict):
+  """The three argument groups of one run: the setting's shared flags, then the run's own."""
+  shared = {"num_train_epochs": setting.num_train_epochs, "learning_rate": setting.learning_rate,
+            "per_device_train_batch_size": setting.per_device_train_batch_size,
+            "warmup_ratio": 0.1, "fisher_num_examples": setting.fisher_num_examples,
+            "disable_tqdm": True, "save_steps": 100_000, "save_total_limit": 1}
+  return (arguments.ModelArguments(model_name_or_path=setting.model_name_or_path),
+          arguments.DataArguments(max_train_samples=setting.max_train_samples,
+                                  max_seq_length=setting.max_seq_length,
+                                  max_eval_samples=setting.max_eval_samples, **data),
+          arguments.TrainingArguments(**{**shared, **training}))
+
+
+def arguments_of(setting: Setting, cell: Cell, seed: int):
+  """The validated argument groups of one fine-tuning run (a cell at a seed)."""
+  data = {"train_file": str(setting.data(TRAIN)), "validation_file": str(setting.data(VALIDATION))}
+  if cell.out_of_domain:
+    data["extra_eval_files"] = [str(setting.data(f"vader/{name}.csv")) for name in OUT_OF_DOMAIN]
+  try:
+    return _groups(setting, data, {**cell.flags, "seed": seed,
+                                   "output_dir": str(setting.run_dir(cell.name, seed))})
+  except (TypeError, ValueError) as error:  # TypeError: a flag the trainer does not have
+    raise ValueError(f"cell {cell.name!r}: {error}") from None
+
+
+def overlap_arguments_of(setting: Setting, relative: str, seed: int):
+  """The validated argument groups of one child network of the overlap figure (no training:
+  the mask only)."""
+  train_file = str(setting.data(relative))
+  return _groups(setting, {"train_file": train_file, "validation_file": train_file},
+                 {"mode": "ChildTuning-D", "reserve_p": OVERLAP_P, "seed": seed,
+                  "do_train": False, "do_eval": False,
+                  "output_dir": str(setting.overlap_dir(relative, seed))})
+
+
+def command(groups) -> list[str]:
+  """``python -m train.run_glue`` with these argument groups."""
+  return [sys.executable, "-m", "train.run_glue", *arguments.to_argv(*groups)]

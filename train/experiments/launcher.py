@@ -1,0 +1,174 @@
+"""Running an experiment's trainer processes: skip what is finished, resume what was
+interrupted, several at a time (``--jobs``), failures reported without stopping the others,
+and a clean stop of all of them on Ctrl-C or SIGTERM.
+
+Every run is one ``train.run_glue`` process with its own output directory; a finished run
+(its ``all_results.json`` exists) is not run again, an interrupted one resumes from its
+checkpoint. Seeds run in the outer loop, so a partial campaign has the same seeds in every
+cell. Every command is built (and so validated) before the first run starts.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import logging
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+from typing import Sequence
+
+from train.experiments import cells
+
+logger = logging.getLogger("experiments")
+
+REPO = Path(__file__).resolve().parents[2]
+PRIMARY_METRICS = ("eval_accuracy", "eval_pearson", "eval_matthews_correlation")
+
+_running: set[subprocess.Popen] = set()  # the trainer processes started by run_trainer
+_running_lock = threading.Lock()
+_stopping = threading.Event()  # the campaign was asked to stop: start no more runs
+
+
+def run_trainer(command: list[str], log: Path, env: dict[str, str]) -> int:
+  """Runs one trainer command in a process of its own, its output appended to ``log``;
+  returns its exit status (tests replace this function to run the trainer in-process).
+
+  The process gets a session of its own, so that Ctrl-C in the campaign's terminal does not
+  reach it directly: :func:`stop_trainers` passes one stop signal on to every trainer.
+  """
+  with open(log, "a") as file:
+    process = subprocess.Popen(command, stdout=file, stderr=subprocess.STDOUT, cwd=REPO, env=env,
+                               start_new_session=True)
+  with _running_lock:
+    _running.add(process)
+  try:
+    return process.wait()
+  finally:
+    with _running_lock:
+      _running.discard(process)
+
+
+def stop_trainers() -> int:
+  """Sends SIGTERM to every running trainer (each finishes its step, saves a checkpoint and
+  exits) and waits for them; returns how many there were."""
+  with _running_lock:
+    processes = list(_running)
+  for process in processes:
+    process.send_signal(signal.SIGTERM)
+  for process in processes:
+    process.wait()
+  return len(processes)
+
+
+def machine() -> dict[str, object]:
+  """The machine a run ran on, as RESULTS.md describes it."""
+  cpuinfo = Path("/proc/cpuinfo")
+  lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
+  cpu = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")),
+             platform.processor() or platform.machine())
+  return {"cpu": cpu, "cores": os.cpu_count()}
+
+
+def _environment(setting: cells.Setting) -> dict[str, str]:
+  env = dict(os.environ)
+  # Runs of one cell compile the same programs: a shared persistent cache makes repeats loads.
+  env.setdefault("JAX_COMPILATION_CACHE_DIR", str(setting.root / "jax_cache"))
+  env.setdefault("PYTHONPATH", str(REPO))
+  return env
+
+
+def run_one(setting: cells.Setting, command: list[str], output_dir: Path, *, keep_checkpoint: bool,
+            label: str) -> dict | None:
+  """Runs (or resumes, or skips if finished) one trainer process; returns its all_results."""
+  results_file = output_dir / "all_results.json"
+  if results_file.exists():
+    return json.loads(results_file.read_text())
+  resuming = (output_dir / "checkpoints").is_dir()
+  command = command + (["--resume"] if resuming else ["--overwrite_output_dir"])
+  if setting.dry_run:
+    print(" ".join(command))
+    return None
+  output_dir.mkdir(parents=True, exist_ok=True)
+  started = time.perf_counter()
+  code = run_trainer(command, output_dir / "log.txt", _environment(setting))
+  seconds = time.perf_counter() - started
+  if code != 0:
+    raise RuntimeError(f"{label} failed (exit {code}); see {output_dir / 'log.txt'}")
+  wall = output_dir / "wall_seconds.json"
+  earlier = json.loads(wall.read_text())["wall_seconds"] if wall.exists() else 0.0
+  wall.write_text(json.dumps({"wall_seconds": round(earlier + seconds, 1), "command": command[1:],
+                              "machine": machine()}, indent=2) + "\n")
+  if not keep_checkpoint:  # 270 MB each; only the probe reads them
+    shutil.rmtree(output_dir / "checkpoints", ignore_errors=True)
+  return json.loads(results_file.read_text())
+
+
+def run_cells(setting: cells.Setting, cell_names: Sequence[str]) -> None:
+  """Every (seed, cell) fine-tuning run, seeds in the outer loop; ``setting.jobs`` trainer
+  processes at a time (on a 2-core CPU two overlap one's single-threaded start-up and
+  host work with the other's compute)."""
+  jobs = [(seed, cells.CELLS[name]) for seed in range(setting.seeds)
+          for name in dict.fromkeys(cell_names)]
+  commands = {(seed, cell.name): cells.command(cells.arguments_of(setting, cell, seed))
+              for seed, cell in jobs}  # every cell validated before the first run
+  failed = []
+  _stopping.clear()
+
+  def job(number, seed, cell):
+    if _stopping.is_set():
+      return
+    output_dir = setting.run_dir(cell.name, seed)
+    label = f"[{number}/{len(jobs)}] {cell.name} seed {seed}"
+    done_before = (output_dir / "all_results.json").exists()
+    started = time.perf_counter()
+    try:
+      results = run_one(setting, commands[seed, cell.name], output_dir,
+                        keep_checkpoint=cell.keep_checkpoint, label=label)
+    except RuntimeError as error:  # one failed run does not stop a campaign of hours
+      if not _stopping.is_set():
+        logger.error("%s", error)
+        failed.append(label)
+      return
+    if results is not None:
+      score = {k: round(v, 4) for k, v in results.items() if k in PRIMARY_METRICS}
+      logger.info("%s: %s%s", label, score,
+                  " (done before)" if done_before else f" in {time.perf_counter() - started:.0f} s")
+
+  with concurrent.futures.ThreadPoolExecutor(max(1, setting.jobs)) as pool:
+    futures = [pool.submit(job, number, seed, cell) for number, (seed, cell) in enumerate(jobs, 1)]
+    try:
+      for future in futures:
+        future.result()
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (see __main__): stop the runs, keep their work
+      _stopping.set()
+      pool.shutdown(wait=False, cancel_futures=True)
+      logger.warning("stopping: %d run(s) save a checkpoint and stop; the same command continues "
+                     "the campaign", stop_trainers())
+      raise
+  if failed:
+    raise RuntimeError(f"{len(failed)} run(s) failed: {', '.join(sorted(failed))}. Run the same "
+                       "command again to retry them (finished runs are skipped).")
+
+
+def run_overlap_masks(setting: cells.Setting) -> dict[str, Path]:
+  """The child network of each task of the overlap figure (the trainer with ``--do_train
+  false``); ``{task label: its mask.npz}``."""
+  commands = {label: cells.command(cells.overlap_arguments_of(setting, relative, seed))
+              for label, (relative, seed) in cells.OVERLAP_TASKS.items()}
+  masks = {}
+  for number, (label, (relative, seed)) in enumerate(cells.OVERLAP_TASKS.items(), 1):
+    output_dir = setting.overlap_dir(relative, seed)
+    started = time.perf_counter()
+    run_one(setting, commands[label], output_dir, keep_checkpoint=False,
+            label=f"[{number}/{len(cells.OVERLAP_TASKS)}] child network of {label}")
+    if not setting.dry_run:
+      logger.info("[%d/%d] child network of %s (%.0f s)", number, len(cells.OVERLAP_TASKS), label,
+                  time.perf_counter() - started)
+    masks[label] = output_dir / "mask.npz"
+  return masks

