@@ -202,8 +202,11 @@ def trainer_step(model, tx, params, batch, dropout_key, compiler_options=None):
   Traced here, so a module replaced while this runs (``patched``) is in the step."""
   step = jax.jit(trainer.make_train_step(tx, trainer.task_loss(model, is_regression=False),
                                          optax.constant_schedule(LR)), donate_argnums=0)
+  # Copies: the step donates the state, and other steps may hold the same params and key.
   state = trainer.TrainState(step=jnp.zeros((), jnp.int32), params=jax.tree.map(jnp.array, params),
-                             opt_state=tx.init(params), dropout_key=dropout_key)
+                             opt_state=tx.init(params), dropout_key=jax.random.wrap_key_data(
+                                 jnp.array(jax.random.key_data(dropout_key)),
+                                 impl=jax.random.key_impl(dropout_key)))
   compiled = step.lower(state, batch).compile(compiler_options)
   holder = [state]
 

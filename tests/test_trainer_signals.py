@@ -131,3 +131,14 @@ def test_a_signal_before_training_stops_at_once_and_blocks_nothing(tiny, tmp_pat
   monkeypatch.undo()
   results = run(tiny, tmp_path, *flags)  # the same command: nothing to resume, nothing in the way
   assert results["train_steps"] == 8
+
+
+def test_the_metrics_log_keeps_what_the_checkpoint_saw_and_drops_a_torn_line(tmp_path):
+  path = tmp_path / "metrics.jsonl"
+  records = [{"step": 1, "loss": 0.7}, {"step": 2, "loss": 0.6}, {"step": 2, "eval_loss": 0.5},
+             {"step": 3, "loss": 0.5}]
+  path.write_text("".join(json.dumps(r) + "\n" for r in records) + '{"step": 4, "lo')  # kill -9
+  loop.MetricsLog(path, keep_until_step=2, final_step=8, enabled=True)
+  assert [json.loads(line) for line in path.read_text().splitlines()] == records[:3]
+  loop.MetricsLog(path, keep_until_step=2, final_step=2, enabled=True)  # the final evaluation
+  assert [json.loads(line) for line in path.read_text().splitlines()] == records[:2]

@@ -13,6 +13,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import signal
 import threading
 import time
@@ -96,9 +97,19 @@ class MetricsLog:
         if record["step"] < keep_until_step or "loss" in record:
           return record["step"] <= keep_until_step
         return record["step"] == keep_until_step and keep_until_step != final_step
-      lines = [line for line in path.read_text().splitlines()
-               if line.strip() and kept(json.loads(line))]
-      path.write_text("".join(line + "\n" for line in lines))
+      lines = []
+      for line in path.read_text().splitlines():
+        try:
+          record = json.loads(line)
+        except json.JSONDecodeError:  # a line a killed process did not finish writing
+          logger.warning("%s: dropped a line that is not JSON: %.80s", path, line)
+          continue
+        if kept(record):
+          lines.append(line)
+      # A new file renamed over the old one: a process killed meanwhile leaves one or the other.
+      partial = path.with_name(path.name + ".tmp")
+      partial.write_text("".join(line + "\n" for line in lines))
+      os.replace(partial, path)
 
   def write(self, record: dict) -> None:
     if self.enabled:
