@@ -32,8 +32,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-from childtuning_jax import (_random, child_tuning_driven, child_tuning_free,  # noqa: E402
-                            estimate_fisher)
+from childtuning_jax import (_random, child_tuning_adamw, child_tuning_driven,  # noqa: E402
+                            child_tuning_free, estimate_fisher, fisher as fisher_module)
 from childtuning_jax.cpu import MALLOC_ENV, restart_keeping_freed_memory  # noqa: E402
 from childtuning_jax.models import (EncoderConfig, EncoderForSequenceClassification,  # noqa: E402
                                     encoder)
@@ -164,12 +164,13 @@ def bench_update(config, reps):
   mask = random_mask(params)
   variants = {
       "adamw": adamw(),
-      "CT-F + adamw": optax.chain(child_tuning_free(RESERVE_P), adamw()),
+      "CT-F + adamw": optax.chain(child_tuning_free(RESERVE_P, key=0), adamw()),
       "naive CT-F + adamw": optax.chain(naive_child_tuning_free(RESERVE_P), adamw()),
       "16-bit packed CT-F + adamw": optax.chain(packed_child_tuning_free(RESERVE_P), adamw()),
-      "CT-D + adamw + CT-D": optax.chain(child_tuning_driven(mask), adamw(),
-                                         child_tuning_driven(mask)),
-      "CT-F mask alone": child_tuning_free(RESERVE_P),
+      "CT-D around adamw": child_tuning_driven(mask, adamw()),
+      "CT-D around adamw, sparse state": child_tuning_adamw(
+          LR, mode="driven", mask=mask, weight_decay=0.01, sparse_state=True),
+      "CT-F mask alone": child_tuning_free(RESERVE_P, key=0),
       "naive CT-F mask alone": naive_child_tuning_free(RESERVE_P),
       "16-bit packed CT-F mask alone": packed_child_tuning_free(RESERVE_P),
   }
@@ -340,7 +341,10 @@ def bench_step_variants(config, reps):
   return alternating_medians(fns, reps)
 
 
-TRAINER_MODES = {"vanilla": "vanilla", "CT-F": "ChildTuning-F", "CT-D": "ChildTuning-D"}
+# variant: (mode, other trainer flags)
+TRAINER_MODES = {"vanilla": ("vanilla", {}), "CT-F": ("ChildTuning-F", {}),
+                 "CT-D": ("ChildTuning-D", {}),
+                 "CT-D, sparse optimizer state": ("ChildTuning-D", {"sparse_optimizer_state": True})}
 
 
 def train_transforms(params):
@@ -348,9 +352,9 @@ def train_transforms(params):
   first, then the mode's mask and AdamW; CT-D with a random child network of RESERVE_P)."""
   mask = random_mask(params)
   transforms = {}
-  for name, mode in TRAINER_MODES.items():
+  for name, (mode, flags) in TRAINER_MODES.items():
     args = TrainingArguments(output_dir="-", mode=mode, reserve_p=RESERVE_P, learning_rate=LR,
-                             weight_decay=0.01, max_grad_norm=1.0)
+                             weight_decay=0.01, max_grad_norm=1.0, **flags)
     transforms[name] = trainer.optimizer(args, optax.constant_schedule(LR), key=jax.random.key(0),
                                          mask=mask if mode == "ChildTuning-D" else None)
   return transforms
@@ -425,6 +429,63 @@ def peak_rss_mib():
   high-water mark of the parent across fork/exec."""
   status = Path("/proc/self/status").read_text()
   return int(next(l.split()[1] for l in status.splitlines() if l.startswith("VmHWM"))) / 1024
+
+
+BERT_LARGE = EncoderConfig(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
+                           intermediate_size=4096)
+
+
+def optimizer_state_memory():
+  """Optimizer state bytes at BERT-large shapes (``jax.eval_shape`` of ``init``: nothing is
+  allocated), against the parameters' float32 bytes; CT-D's child networks are every
+  1/p-th entry of each leaf (the size, not the choice, sets the bytes)."""
+  shapes = jax.eval_shape(EncoderForSequenceClassification(BERT_LARGE).init, jax.random.key(0),
+                          jnp.zeros((1, 8), jnp.int32))["params"]
+  param_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(shapes))
+
+  def child(p):
+    def leaf(x):
+      keep = np.zeros(x.size, bool)
+      keep[::round(1 / p)] = True
+      return keep.reshape(x.shape)
+    return jax.tree.map(leaf, shapes)
+
+  def state_bytes(tx):
+    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(jax.eval_shape(tx.init, shapes)))
+
+  variants = {"vanilla AdamW": optax.adamw(LR, eps=1e-6, weight_decay=0.01),
+              "CT-F AdamW": child_tuning_adamw(LR, reserve_p=0.3, key=0, weight_decay=0.01)}
+  for p in (0.1, 0.3):
+    mask = child(p)
+    variants[f"CT-D AdamW, p={p}"] = child_tuning_adamw(LR, mode="driven", mask=mask,
+                                                        weight_decay=0.01)
+    variants[f"CT-D AdamW, p={p}, sparse state"] = child_tuning_adamw(
+        LR, mode="driven", mask=mask, weight_decay=0.01, sparse_state=True)
+  result = {"parameters": sum(x.size for x in jax.tree.leaves(shapes)), "param_bytes": param_bytes}
+  result["state_bytes"] = {name: state_bytes(tx) for name, tx in variants.items()}
+  return result
+
+
+def fisher_memory():
+  """Compiled temporary bytes of one per-example Fisher chunk (``memory_analysis``), with
+  the word embeddings' gradients dense and with ``embedding_lookups``."""
+  rows = {}
+  for config_name, config in (("MiniLM-L6", MINILM_L6), ("BERT-base", BERT_BASE)):
+    model, params = init_params(config)
+    parameters = sum(x.size for x in jax.tree.leaves(params))
+    total = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), params)
+    for chunk in (8, 32):
+      batch = jax.tree.map(lambda x: x[:chunk], fake_batch(config))
+      for label, lookups in (("dense gradients", ()),
+                             ("embedding_lookups", ((model.word_embeddings_path, "input_ids"),))):
+        add, _ = fisher_module._chunk_functions(fisher_loss(model), "empirical", None, "labels",
+                                                lookups)
+        compiled = add.lower(total, params, batch, np.ones(chunk, np.float32), jax.random.key(0),
+                             0).compile()
+        rows[f"{config_name}, chunk {chunk}, {label}"] = {
+            "parameters": parameters, "chunk": chunk,
+            "temp_bytes": compiled.memory_analysis().temp_size_in_bytes}
+  return rows
 
 
 def peak_memory_of(script, workloads):
@@ -510,9 +571,33 @@ def render(results):
                 "The work CT-F adds to a step is its mask, measured more precisely "
                 f"in the MiniLM-L6 update table: {added * 1e3:.1f} ms, i.e. "
                 f"{added / step:.1%} of the vanilla step."]
+    if key == "train_step" and "CT-D, sparse optimizer state" in results[key]:
+      dense = [r["median_s"] for name, r in results[key].items() if name == "CT-D"][0]
+      sparse = results[key]["CT-D, sparse optimizer state"]["median_s"]
+      lines += ["", f"CT-D with the sparse optimizer state (p={RESERVE_P}) against the dense "
+                f"one: {sparse / dense:.3f}× the step time (medians)."]
     if key == "fisher":
       per_example = results[key]["per-example Fisher"]["median_s"] / BATCH
       lines += ["", f"Per-example Fisher: {per_example * 1e3:.1f} ms per example."]
+    lines.append("")
+  if "optimizer_state_memory" in results:
+    r = results["optimizer_state_memory"]
+    lines += [f"### Optimizer state at BERT-large shapes ({r['parameters'] / 1e6:.0f}M "
+              "parameters; `jax.eval_shape` of `init`)", "",
+              "| optimizer | state | state / parameters' bytes |", "| --- | ---: | ---: |"]
+    lines += [f"| {name} | {b / 2**20:,.0f} MiB | {b / r['param_bytes']:.2f}× |"
+              for name, b in r["state_bytes"].items()]
+    lines += ["", "CT-D's dense state is AdamW's two moments plus one byte of mask per "
+              "parameter; the sparse state holds, per child entry, its int32 position and two "
+              "float32 moments.", ""]
+  if "fisher_memory" in results:
+    lines += ["### Memory of one per-example Fisher chunk (compiled temporary bytes, "
+              f"{SEQ_LEN} tokens)", "",
+              "| model, chunk, word embeddings | temporary | chunk × parameters' float32 bytes |",
+              "| --- | ---: | ---: |"]
+    lines += [f"| {name} | {r['temp_bytes'] / 2**30:.2f} GiB | "
+              f"{r['chunk'] * r['parameters'] * 4 / 2**30:.2f} GiB |"
+              for name, r in results["fisher_memory"].items()]
     lines.append("")
   if "host_memory" in results:
     lines += ["### Host memory: the vanilla step in a fresh process, with glibc's malloc "
@@ -570,6 +655,8 @@ def main():
                   ("train_step", lambda: bench_train_step(MINILM_L6, reps)),
                   ("step_variants", lambda: bench_step_variants(MINILM_L6, max(3, reps // 2))),
                   ("fisher", lambda: bench_fisher(MINILM_L6, max(3, reps // 2))),
+                  ("optimizer_state_memory", optimizer_state_memory),
+                  ("fisher_memory", fisher_memory),
                   ("peak_memory_mib", peak_memory),
                   ("host_memory", lambda: host_memory(3))):
     if args.only and key not in args.only.split(","):

@@ -2,9 +2,10 @@
 
 >>> import optax
 >>> from childtuning_jax import child_tuning_free
->>> tx = optax.chain(child_tuning_free(0.3), optax.adamw(2e-5))
+>>> tx = optax.chain(child_tuning_free(0.3, key=0), optax.adamw(2e-5))
 """
 
+from childtuning_jax.child_delta import apply_child_delta, save_child_delta
 from childtuning_jax.fisher import estimate_fisher
 from childtuning_jax.masks import (
     keep_fractions,
@@ -16,6 +17,7 @@ from childtuning_jax.masks import (
 from childtuning_jax.transforms import (
     ChildTuningDrivenState,
     ChildTuningFreeState,
+    ChildTuningSparseState,
     child_tuning_adamw,
     child_tuning_driven,
     child_tuning_free,
@@ -26,6 +28,8 @@ __version__ = "0.1.0"
 __all__ = [
     "ChildTuningDrivenState",
     "ChildTuningFreeState",
+    "ChildTuningSparseState",
+    "apply_child_delta",
     "child_tuning_adamw",
     "child_tuning_driven",
     "child_tuning_free",
@@ -33,6 +37,7 @@ __all__ = [
     "keep_fractions",
     "load_mask",
     "mask_jaccard",
+    "save_child_delta",
     "save_mask",
     "select_child_network",
 ]

@@ -78,6 +78,18 @@ def keep_threshold(p: float, what: str) -> int:
   return threshold
 
 
-def bernoulli(key: jax.Array, p: float, shape: tuple[int, ...], what: str = "p") -> jax.Array:
-  """Boolean keep decisions of ``shape``, each True with probability ``p`` (within 2**-33)."""
-  return random_uint32(key, shape) < jnp.uint32(keep_threshold(p, what))
+def bernoulli(key: jax.Array, p: float | jax.Array, shape: tuple[int, ...],
+              what: str = "p") -> jax.Array:
+  """Boolean keep decisions of ``shape``, each True with probability ``p`` (within 2**-33).
+
+  ``p`` may be a scalar array (a hyperparameter ``optax.inject_hyperparams`` changes between
+  steps): its threshold is then ``round(p * 2**32)`` of its float32 value, the same
+  decisions as the Python float nearest to that value.
+  """
+  if isinstance(p, (jax.Array, np.ndarray)):
+    scaled = jnp.round(jnp.asarray(p, jnp.float32) * float(RANDOM_LEVELS))  # exact: a power of two
+    threshold = jnp.where(scaled >= float(RANDOM_LEVELS), jnp.uint32(RANDOM_LEVELS - 1),
+                          scaled.astype(jnp.uint32))
+  else:
+    threshold = jnp.uint32(keep_threshold(p, what))
+  return random_uint32(key, shape) < threshold

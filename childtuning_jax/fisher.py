@@ -54,8 +54,9 @@ def estimate_fisher(
     params: the parameters (any pytree).
     batches: an iterable of batches (pytrees of arrays with a common leading
       axis), e.g. the training set in batches; read once.
-    chunk_size: examples per compiled ``vmap`` call; memory grows linearly
-      with it.
+    chunk_size: examples per compiled ``vmap`` call. Memory grows linearly
+      with it: a chunk holds its examples' gradients, up to ``chunk_size``
+      times the parameters' float32 bytes (BENCHMARKS.md measures it).
     per_example: ``True`` (default, the paper): average of squared
       per-example gradients. ``False``: average over the given batches of the
       squared *batch*-mean gradient, as the published code computes it; it
@@ -84,14 +85,18 @@ def estimate_fisher(
       ``loss_fn`` is then called as ``loss_fn(params, batch, row_offsets)``
       and must add ``row_offsets[table_path]`` (zeros, ``[batch, length,
       dim]``) to the rows it looks up (with Flax Linen: ``Module.perturb``).
-      Only for ``per_example=True``.
+      Only for ``per_example=True``. The library's encoders support it (their
+      loss adds the offsets); for another model, leave it out (the dense path
+      computes the same Fisher).
     progress: show a progress bar (examples, examples/s) if tqdm is installed.
 
   Returns:
     A float32 pytree with the structure and shapes of ``params``.
 
   Raises:
-    ValueError: if ``batches`` holds no example, a batch's leaves disagree on
+    ValueError: if ``loss_fn`` updates state inside the traced pass (e.g. an
+      NNX model in train mode; the message says to call ``model.eval()``),
+      ``batches`` holds no example, a batch's leaves disagree on
       the batch size, the options do not fit together, an
       ``embedding_lookups`` entry names no 2-D leaf or no batch entry, or
       ``loss_fn`` ignored ``row_offsets`` (the table's Fisher is all zero).
@@ -147,9 +152,10 @@ def estimate_fisher(
     if data_sharding is not None:
       chunk, weights = jax.device_put((chunk, weights), data_sharding)
     if per_example:
-      total = add_squared_example_grads(total, params, chunk, weights, base_key, chunk_index)
+      total = _stateless(add_squared_example_grads, total, params, chunk, weights, base_key,
+                         chunk_index)
     else:
-      grad_sum = weighted_grad_sum(params, chunk, weights, base_key, chunk_index)
+      grad_sum = _stateless(weighted_grad_sum, params, chunk, weights, base_key, chunk_index)
       batch_grad = jax.tree.map(jnp.add, batch_grad, grad_sum)
       batch_examples += num_valid
       if ends_batch:
@@ -170,6 +176,27 @@ def estimate_fisher(
       raise ValueError(f"the Fisher of {path} is all zero: loss_fn must add "
                        f"row_offsets[{path!r}] to the rows it looks up from that table.")
   return total
+
+
+# Errors of a loss that updates state (a counter, batch statistics) while traced.
+_STATE_ERRORS = ("TraceContextError", "UnexpectedTracerError")
+
+
+def _stateless(function, *args):
+  """``function(*args)``; a loss that changes state inside the traced pass is refused with
+  what to do (JAX's and Flax's own messages do not say)."""
+  try:
+    return function(*args)
+  except Exception as error:
+    if type(error).__name__ not in _STATE_ERRORS:
+      raise
+    raise ValueError(
+        f"loss_fn changed state while the Fisher pass traced it ({type(error).__name__}: "
+        f"{str(error).splitlines()[0]}). The pass differentiates loss_fn under jax.vmap and "
+        "jax.jit, where a model cannot update state: a Flax NNX model in train mode advances "
+        "its dropout RNG (BatchNorm its statistics). Put the model in eval mode before "
+        "splitting it (model.eval(), then nnx.split), or call a Linen model with "
+        "deterministic=True; the paper's Fisher has no dropout.") from error
 
 
 def _check_lookups(embedding_lookups, params, per_example) -> tuple[tuple[str, str], ...]:

@@ -198,6 +198,10 @@ def save_mask(path: str | os.PathLike, mask: Any) -> None:
 def load_mask(path: str | os.PathLike, like: Any) -> Any:
   """Reads a mask written by :func:`save_mask` into the structure of ``like`` (e.g. the params).
 
+  Leaves are matched by name, and names leave out Flax NNX's ``.value``: a mask saved from
+  the Linen version of a model loads into ``nnx.state(model, nnx.Param)`` of its NNX
+  version, and the other way round.
+
   Raises:
     ValueError: if the file lacks a leaf of ``like``, has leaves ``like``
       does not, or a leaf's shape differs; the message names the leaf.
@@ -223,7 +227,10 @@ def load_mask(path: str | os.PathLike, like: Any) -> Any:
     raise ValueError(
         f"mask file {os.fspath(path)} does not fit: missing leaves {missing[:5]}, "
         f"unexpected leaves {extra[:5]}.")
-  mask = jax.tree.unflatten(jax.tree.structure(like), [stored[name] for name in names])
+  shapes = dict((name, np.shape(leaf)) for name, leaf in _trees.named_leaves(like))
+  leaves = [np.full(shapes[name], bool(stored[name])) if stored[name].ndim == 0 and shapes[name]
+            else stored[name] for name in names]  # a bool saved for a whole leaf
+  mask = jax.tree.unflatten(jax.tree.structure(like), leaves)
   _trees.check_same_shapes(mask, like, f"mask file {os.fspath(path)}", "like")
   _trees.check_bool_leaves(mask, f"mask file {os.fspath(path)}")
   return mask

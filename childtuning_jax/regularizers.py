@@ -50,6 +50,8 @@ def _toward_pretrained(name, pretrained, where, combine) -> optax.GradientTransf
   def init_fn(params):
     if pretrained is None:
       return PretrainedState(pretrained=None, count=jnp.zeros((), jnp.int32))
+    if _trees.is_params_placeholder(params):  # tree_map_params: w0 is shaped as params
+      return PretrainedState(pretrained=params, count=jnp.zeros((), jnp.int32))
     _check_pretrained(pretrained, params)
     # A copy: params and the state may both be donated to a jitted step; one buffer
     # cannot be donated twice.

@@ -16,10 +16,12 @@ by a 0/1 mask before the optimizer sees it (paper Eq. 3, Algorithm 1 lines
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from childtuning_jax import _random, _trees
@@ -32,12 +34,25 @@ class ChildTuningFreeState(NamedTuple):
 
 
 class ChildTuningDrivenState(NamedTuple):
-  """State of :func:`child_tuning_driven`: the fixed child-network mask."""
+  """State of :func:`child_tuning_driven`: the fixed child-network mask (one copy), and the
+  state of the optimizer it wraps (``None`` without one)."""
 
   mask: Any
+  inner_state: Any = None
 
 
-def child_tuning_free(reserve_p: float, key: jax.Array | int = 0) -> optax.GradientTransformation:
+class ChildTuningSparseState(NamedTuple):
+  """State of ``child_tuning_adamw(..., mode="driven", sparse_state=True)``: per leaf, the
+  sorted flat positions of its child entries (``int32``; a leaf with none holds one
+  position past its end, which reads as 0 and is never written), and AdamW's state over
+  those entries only (each leaf's moments a vector of its child's size)."""
+
+  indices: Any
+  inner_state: Any
+
+
+def child_tuning_free(reserve_p: float | jax.Array,
+                      key: jax.Array | int | None = None) -> optax.GradientTransformation:
   """Child-Tuning-F: keep a random fraction of every gradient, rescaled.
 
   At every update, each entry of each leaf is kept with probability
@@ -50,7 +65,7 @@ def child_tuning_free(reserve_p: float, key: jax.Array | int = 0) -> optax.Gradi
   Put it before the optimizer, as in the paper's Algorithm 1 (the mask acts on
   the gradient before Adam's moment estimates)::
 
-    optax.chain(child_tuning_free(0.3), optax.adamw(2e-5))
+    optax.chain(child_tuning_free(0.3, key=0), optax.adamw(2e-5))
 
   Each decision compares 32 random bits (Threefry-2x32 of the entry's
   position, fused into the consumer's loop) with ``round(reserve_p * 2**32)``,
@@ -61,9 +76,14 @@ def child_tuning_free(reserve_p: float, key: jax.Array | int = 0) -> optax.Gradi
   Args:
     reserve_p: probability of keeping a gradient entry, in ``(0, 1]``. The
       paper uses 0.2-0.4; ``1.0`` is vanilla fine-tuning (the updates pass
-      through unchanged).
+      through unchanged). A scalar array is accepted too, unchecked, as
+      ``optax.inject_hyperparams(child_tuning_free)(reserve_p=0.3)`` passes
+      it (to change it between steps); ``1.0`` then keeps each entry with
+      probability ``1 - 2**-32``.
     key: an int seed, a typed key (``jax.random.key``) or a raw key
-      (``jax.random.PRNGKey``).
+      (``jax.random.PRNGKey``): one key, also under ``jax.pmap`` (replicate
+      the state). Without it, a warning, and seed 0: every run that forgets
+      it draws the same masks (as ``optax.add_noise``).
 
   Returns:
     An ``optax.GradientTransformation`` with state :class:`ChildTuningFreeState`.
@@ -76,14 +96,23 @@ def child_tuning_free(reserve_p: float, key: jax.Array | int = 0) -> optax.Gradi
     >>> updates, state = tx.update(grads, tx.init(grads))
     >>> sorted(set(updates["w"].ravel().tolist())) # each entry is 0 or 1 / 0.5
     [0.0, 2.0]
-    >>> opt = optax.chain(child_tuning_free(0.3), optax.adamw(2e-5))
+    >>> opt = optax.chain(child_tuning_free(0.3, key=1), optax.adamw(2e-5))
+    >>> opt = optax.inject_hyperparams(child_tuning_free)(reserve_p=0.3, key=1)
+    >>> state = opt.init(grads)
+    >>> state.hyperparams["reserve_p"] = 0.2  # from the next update on
 
   References:
     Xu et al., "Raise a Child in Large Language Model: Towards Effective and
     Generalizable Fine-tuning", EMNLP 2021, Eq. 3-5 and Algorithm 1.
   """
   reserve_p = _trees.check_reserve_p(reserve_p)
-  _random.keep_threshold(reserve_p, "reserve_p")  # a reserve_p below 2**-32 fails here, not in jit
+  static_p = isinstance(reserve_p, float)
+  if static_p:
+    _random.keep_threshold(reserve_p, "reserve_p")  # a reserve_p below 2**-32 fails here, not in jit
+  if key is None:
+    warnings.warn("child_tuning_free: no key given, so seed 0: every run draws the same masks. "
+                  "Pass key= (an int seed or a jax.random.key).", stacklevel=2)
+    key = 0
   canonical_key = _trees.canonicalize_key(key)
 
   def init_fn(params):
@@ -93,13 +122,14 @@ def child_tuning_free(reserve_p: float, key: jax.Array | int = 0) -> optax.Gradi
   def update_fn(updates, state, params=None):
     del params
     next_key, mask_key = jax.random.split(state.rng_key)
-    if reserve_p == 1.0:
+    if static_p and reserve_p == 1.0:
       return updates, ChildTuningFreeState(rng_key=next_key)
 
     def mask_leaf(leaf_key, update):
       # Eq. 4-5: M ~ Bernoulli(p), g <- g * M / p.
       keep = _random.bernoulli(leaf_key, reserve_p, update.shape, "reserve_p")
-      scale = jnp.asarray(1.0 / reserve_p, update.dtype)
+      scale = (1.0 / reserve_p if static_p else 1.0 / reserve_p.astype(jnp.float32))
+      scale = jnp.asarray(scale, update.dtype)
       return jnp.where(keep, update * scale, jnp.zeros((), update.dtype))
 
     leaf_keys = optax.tree_utils.tree_split_key_like(mask_key, updates)
@@ -109,91 +139,127 @@ def child_tuning_free(reserve_p: float, key: jax.Array | int = 0) -> optax.Gradi
   return optax.GradientTransformation(init_fn, update_fn)
 
 
-def child_tuning_driven(mask: Any) -> optax.GradientTransformation:
+def child_tuning_driven(mask: Any, inner: optax.GradientTransformation | None = None
+                        ) -> optax.GradientTransformationExtraArgs:
   """Child-Tuning-D: update only a fixed child network.
 
   Every update entry outside the child (``mask`` false) is set to exactly
   zero; entries inside pass through unchanged. The paper applies the mask to
-  the gradient, before the optimizer. Because this transform zeros whatever
-  it receives, it can also stand *after* the optimizer, which is what keeps
-  the non-child weights at their pretrained values under decoupled weight
-  decay (the published code lets AdamW's decay shrink them)::
+  the gradient, before the optimizer::
 
-    optax.chain(child_tuning_driven(mask),
-                optax.adamw(2e-5, weight_decay=0.01),
-                child_tuning_driven(mask))
+    optax.chain(child_tuning_driven(mask), optax.adamw(2e-5))
 
-  :func:`child_tuning_adamw` builds that chain. The mask is checked against
-  the parameters at ``init`` and kept in the state, so it is saved with the
-  optimizer state in checkpoints.
+  With ``inner``, the mask is applied before *and after* the inner optimizer,
+  from one copy of it. That keeps the non-child weights bit-identical to their
+  pretrained values under decoupled weight decay, as the paper states (the
+  published code lets AdamW's decay shrink them)::
+
+    child_tuning_driven(mask, optax.adamw(2e-5, weight_decay=0.01))
+
+  :func:`child_tuning_adamw` builds that. The mask is checked against the
+  parameters at ``init`` and kept in the state (``optax.tree_utils.tree_get(
+  state, "mask")`` finds it), so it is saved with the optimizer state.
 
   Args:
-    mask: a pytree of boolean arrays with the structure and shapes of the
-      parameters, ``True`` for entries in the child network. Usually the
-      output of :func:`childtuning_jax.select_child_network`.
+    mask: a pytree of booleans with the parameters' leaves, ``True`` for
+      entries in the child network (usually the output of
+      :func:`childtuning_jax.select_child_network`): arrays of the leaves'
+      shapes, or a Python bool for a whole leaf. Its leaves are matched to
+      the parameters' by name, so a mask built from a dict fits a
+      ``FrozenDict``, an ``nnx.State`` or its ``nnx.to_pure_dict`` of the same
+      parameters. Or, as optax's ``mask=``, a callable ``params -> mask``.
+    inner: an optimizer to wrap (its updates masked before and after).
 
   Returns:
-    An ``optax.GradientTransformation`` with state
-    :class:`ChildTuningDrivenState`.
+    An ``optax.GradientTransformationExtraArgs`` (extra arguments of
+    ``update`` go to ``inner``) with state :class:`ChildTuningDrivenState`.
 
   Raises:
-    TypeError: at construction if a leaf of ``mask`` is not boolean.
-    ValueError: at ``init`` if the mask's structure or a leaf's shape does
-      not match the parameters; the message names the leaf.
+    TypeError: if a leaf of ``mask`` is neither boolean nor a bool (at
+      construction, or at ``init`` for a callable).
+    ValueError: at ``init`` if the mask's leaves or a leaf's shape do not
+      match the parameters; the message names the leaf.
 
   Examples:
     >>> import jax.numpy as jnp, optax
     >>> from childtuning_jax import child_tuning_driven
-    >>> params = {"w": jnp.ones(3)}
-    >>> tx = child_tuning_driven({"w": jnp.array([True, False, True])})
-    >>> updates, _ = tx.update({"w": jnp.full(3, 5.0)}, tx.init(params))
-    >>> updates["w"]
-    Array([5., 0., 5.], dtype=float32)
+    >>> params = {"w": jnp.ones(3), "b": jnp.ones(2)}
+    >>> tx = child_tuning_driven({"w": jnp.array([True, False, True]), "b": False})
+    >>> updates, _ = tx.update({"w": jnp.full(3, 5.0), "b": jnp.ones(2)}, tx.init(params))
+    >>> updates["w"], updates["b"]
+    (Array([5., 0., 5.], dtype=float32), Array([0., 0.], dtype=float32))
+    >>> frozen = child_tuning_driven(lambda p: {"w": p["w"] > 0, "b": True},
+    ...                              optax.adamw(1e-2, weight_decay=0.1))
 
   References:
     Xu et al., "Raise a Child in Large Language Model: Towards Effective and
     Generalizable Fine-tuning", EMNLP 2021, §2.3 and Algorithm 1.
   """
-  _trees.check_bool_leaves(mask, "mask")
+  if not callable(mask):
+    _trees.check_bool_leaves(mask, "mask")
+  wrapped = None if inner is None else optax.with_extra_args_support(inner)
 
   def init_fn(params):
-    _trees.check_same_shapes(mask, params, "mask", "params")
-    # A copy: the sandwich holds two of these states, and a jitted step that donates its
-    # state cannot donate one buffer twice.
-    return ChildTuningDrivenState(mask=jax.tree.map(jnp.array, mask))
+    if _trees.is_params_placeholder(params):  # tree_map_params: the mask is shaped as params
+      return ChildTuningDrivenState(mask=params,
+                                    inner_state=None if wrapped is None else wrapped.init(params))
+    given = mask(params) if callable(mask) else mask
+    if callable(mask):
+      _trees.check_bool_leaves(given, "mask(params)")
+    # jnp.array copies: a jitted step that donates its state must not find the buffers of a
+    # mask the caller still holds.
+    aligned = jax.tree.map(lambda m: jnp.array(m, bool),
+                           _trees.like(given, params, "mask", "params"))
+    return ChildTuningDrivenState(mask=aligned,
+                                  inner_state=None if wrapped is None else wrapped.init(params))
 
-  def update_fn(updates, state, params=None):
-    del params
+  def apply(mask_tree, updates):
+    return jax.tree.map(lambda keep, u: jnp.where(keep, u, jnp.zeros((), u.dtype)),
+                        mask_tree, updates)
+
+  def update_fn(updates, state, params=None, **extra_args):
     _trees.check_same_structure(state.mask, updates, "mask", "updates")
-    updates = jax.tree.map(
-        lambda keep, u: jnp.where(keep, u, jnp.zeros((), u.dtype)), state.mask, updates)
-    return updates, state
+    updates = apply(state.mask, updates)
+    if wrapped is None:
+      return updates, state
+    updates, inner_state = wrapped.update(updates, state.inner_state, params, **extra_args)
+    return apply(state.mask, updates), state._replace(inner_state=inner_state)
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def child_tuning_adamw(
     learning_rate: optax.ScalarOrSchedule,
     *,
-    reserve_p: float | None = None,
+    reserve_p: float | jax.Array | None = None,
     mode: Literal["free", "driven"] = "free",
     mask: Any = None,
-    key: jax.Array | int = 0,
-    weight_decay: float = 0.0,
+    key: jax.Array | int | None = None,
+    b1: float = 0.9,
+    b2: float = 0.999,
     eps: float = 1e-6,
-    **adamw_kwargs,
+    eps_root: float = 0.0,
+    mu_dtype: Any = None,
+    weight_decay: float = 0.0,
+    weight_decay_mask: Any = None,
+    nesterov: bool = False,
+    sparse_state: bool = False,
 ) -> optax.GradientTransformation:
   """AdamW with Child-Tuning, as in the paper's Algorithm 1.
 
   * ``mode="free"``: ``chain(child_tuning_free(reserve_p, key), adamw(...))``.
-  * ``mode="driven"``: ``chain(child_tuning_driven(mask), adamw(...),
-    child_tuning_driven(mask))``. The second mask removes the weight-decay
-    term from non-child entries, so they stay bit-identical to their
-    pretrained values, as the paper states (the published code lets them
-    decay).
+  * ``mode="driven"``: ``child_tuning_driven(mask, adamw(...))``: the mask
+    before and after AdamW, from one copy of it. The second mask removes the
+    weight-decay term from non-child entries, so they stay bit-identical to
+    their pretrained values, as the paper states (the published code lets
+    them decay).
 
-  ``eps`` defaults to the paper's ``1e-6`` (Appendix B); optax's ``adamw``
-  default is ``1e-8``.
+  The AdamW arguments are ``optax.adamw``'s, with ``eps`` defaulting to the
+  paper's ``1e-6`` (Appendix B; optax's default is ``1e-8``) and optax's
+  ``mask=`` (which leaves weight decay applies to) named ``weight_decay_mask``,
+  since ``mask`` is the child network here. Numeric arguments can be injected:
+  ``optax.inject_hyperparams(child_tuning_adamw)(learning_rate=1e-3,
+  reserve_p=0.3, key=0)``.
 
   Args:
     learning_rate: a float or an optax schedule.
@@ -201,13 +267,20 @@ def child_tuning_adamw(
       driven mode the child network is fixed by ``mask``, and giving
       ``reserve_p`` too is refused.
     mode: ``"free"`` (CT-F) or ``"driven"`` (CT-D).
-    mask: the CT-D child network (a boolean pytree); required for
-      ``mode="driven"``.
-    key: seed or PRNG key of the CT-F masks.
+    mask: the CT-D child network (see :func:`child_tuning_driven`); required
+      for ``mode="driven"``.
+    key: seed or PRNG key of the CT-F masks (a warning without it).
+    b1, b2, eps, eps_root, mu_dtype, nesterov: as in ``optax.adamw``.
     weight_decay: AdamW's decoupled weight decay.
-    eps: Adam's epsilon.
-    **adamw_kwargs: passed on to ``optax.adamw`` (``b1``, ``b2``, ``mask``
-      is not accepted here -- use ``weight_decay_mask``).
+    weight_decay_mask: ``optax.adamw``'s ``mask``: a pytree of bools or a
+      callable ``params -> pytree``, the leaves weight decay applies to.
+    sparse_state: driven mode only. Keep Adam's moments for the child's
+      entries alone (a vector per leaf, with the entries' positions), not
+      for every parameter: optimizer state memory in proportion to the
+      child's size (at p=0.1 about 0.3x the parameters' bytes, against 2x
+      for dense moments). The updates equal the dense ones to float
+      rounding; the frozen entries' updates are exactly zero. The mask's
+      values must be known when the state is built (not traced).
 
   Returns:
     An ``optax.GradientTransformation``.
@@ -216,7 +289,7 @@ def child_tuning_adamw(
     >>> import jax.numpy as jnp, optax
     >>> from childtuning_jax import child_tuning_adamw
     >>> params = {"w": jnp.ones(3)}
-    >>> tx = child_tuning_adamw(1e-3, reserve_p=0.3)
+    >>> tx = child_tuning_adamw(1e-3, reserve_p=0.3, key=0)
     >>> state = tx.init(params)
     >>> mask = {"w": jnp.array([True, False, False])}
     >>> tx = child_tuning_adamw(1e-1, mode="driven", mask=mask, weight_decay=0.1)
@@ -228,14 +301,16 @@ def child_tuning_adamw(
     Xu et al., "Raise a Child in Large Language Model: Towards Effective and
     Generalizable Fine-tuning", EMNLP 2021, Algorithm 1 and Appendix B.
   """
-  if "mask" in adamw_kwargs:
-    raise TypeError("pass the weight-decay mask as weight_decay_mask=...")
-  weight_decay_mask = adamw_kwargs.pop("weight_decay_mask", None)
-  adamw = optax.adamw(
-      learning_rate, eps=eps, weight_decay=weight_decay, mask=weight_decay_mask, **adamw_kwargs)
+  adamw = optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, eps_root=eps_root, mu_dtype=mu_dtype,
+                      weight_decay=weight_decay, mask=weight_decay_mask, nesterov=nesterov)
   if mode == "free":
+    if sparse_state:
+      raise ValueError("sparse_state=True keeps the moments of CT-D's fixed child network "
+                       "(mode='driven'); CT-F's mask changes every step.")
     if mask is not None:
-      raise ValueError("mask= is for mode='driven'; mode='free' draws a new mask every step.")
+      raise ValueError(
+          "mask= is CT-D's child network (mode='driven'); mode='free' draws a new mask every "
+          "step. For AdamW's weight-decay mask (optax.adamw's mask=), pass weight_decay_mask=.")
     if reserve_p is None:
       raise ValueError("mode='free' needs reserve_p (the paper uses 0.2-0.4).")
     return optax.chain(child_tuning_free(reserve_p, key), adamw)
@@ -246,5 +321,100 @@ def child_tuning_adamw(
       raise ValueError(
           "reserve_p is only used by mode='free'; in mode='driven' the child network is "
           "fixed by mask= (choose its size in select_child_network).")
-    return optax.chain(child_tuning_driven(mask), adamw, child_tuning_driven(mask))
+    if sparse_state:
+      return _sparse_driven_adamw(
+          mask, optax.scale_by_adam(b1=b1, b2=b2, eps=eps, eps_root=eps_root, mu_dtype=mu_dtype,
+                                    nesterov=nesterov),
+          weight_decay, weight_decay_mask, optax.scale_by_learning_rate(learning_rate))
+    return child_tuning_driven(mask, adamw)
   raise ValueError(f"mode must be 'free' or 'driven', got {mode!r}.")
+
+
+def _sparse_driven_adamw(mask: Any, adam: optax.GradientTransformation, weight_decay: Any,
+                         weight_decay_mask: Any, rate: optax.GradientTransformation
+                         ) -> optax.GradientTransformation:
+  """``optax.adamw`` (``adam``, then decoupled weight decay, then ``rate``) run on the child
+  entries of each leaf, gathered into a vector; the result scattered back into zeros.
+
+  Elementwise, the same arithmetic as the dense driven AdamW, whose frozen entries have
+  zero gradients, zero moments and a zero update."""
+  if not callable(mask):
+    _trees.check_bool_leaves(mask, "mask")
+  decays = not (isinstance(weight_decay, (int, float)) and weight_decay == 0)
+
+  def init_fn(params):
+    placeholder = _trees.is_params_placeholder(params)  # tree_map_params: no leaf is params-like
+    if placeholder and callable(mask):
+      raise ValueError("sparse_state=True with a callable mask: tree_map_params cannot tell "
+                       "the state's leaves without the parameters; pass the mask as arrays.")
+    given = mask(params) if callable(mask) else mask
+    if callable(mask):
+      _trees.check_bool_leaves(given, "mask(params)")
+    aligned = given if placeholder else _trees.like(given, params, "mask", "params")
+
+    def positions(name, leaf):
+      try:
+        flat = np.flatnonzero(np.asarray(leaf))
+      except jax.errors.TracerArrayConversionError:
+        raise ValueError(
+            f"sparse_state=True needs the mask's values when the state is built, but mask leaf "
+            f"'{name}' is traced here (a callable mask inside jit?). Pass the mask as arrays, "
+            "or call init outside jit.") from None
+      if np.size(leaf) > np.iinfo(np.int32).max:
+        raise ValueError(f"sparse_state=True: leaf '{name}' has {np.size(leaf)} entries, more "
+                         "than int32 positions address.")
+      if not flat.size:  # one position past the end: no zero-size arrays (orbax refuses them)
+        flat = np.array([np.size(leaf)])
+      return jnp.asarray(flat, jnp.int32)
+
+    names = [name for name, _ in _trees.named_leaves(aligned)]
+    indices = jax.tree.unflatten(jax.tree.structure(aligned), [
+        positions(name, leaf) for name, leaf in zip(names, jax.tree.leaves(aligned))])
+    child = (jax.tree.map(lambda where: jnp.zeros(where.shape), indices) if placeholder
+             else _gather(params, indices))
+    return ChildTuningSparseState(indices=indices,
+                                  inner_state=(adam.init(child), rate.init(child)))
+
+  def update_fn(updates, state, params=None):
+    _trees.check_same_structure(state.indices, updates, "the child's positions", "updates")
+    adam_state, rate_state = state.inner_state
+    child, adam_state = adam.update(_gather(updates, state.indices), adam_state)
+    if decays:
+      if params is None:
+        raise ValueError("child_tuning_adamw with weight_decay needs the params: "
+                         "tx.update(updates, state, params).")
+      flags = _decay_flags(weight_decay_mask, params)
+      child = jax.tree.map(lambda u, p, flag: u + weight_decay * p if flag else u,
+                           child, _gather(params, state.indices), flags)
+    child, rate_state = rate.update(child, rate_state)
+    dense = jax.tree.map(
+        lambda u, where, like: jnp.zeros(like.size, u.dtype).at[where].set(
+            u, indices_are_sorted=True, unique_indices=True, mode="drop").reshape(like.shape),
+        child, state.indices, updates)
+    return dense, ChildTuningSparseState(indices=state.indices,
+                                         inner_state=(adam_state, rate_state))
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _gather(tree: Any, indices: Any) -> Any:
+  """Each leaf's entries at ``indices``; a position past the end reads 0."""
+  return jax.tree.map(lambda leaf, where: jnp.asarray(leaf).reshape(-1).at[where].get(
+      indices_are_sorted=True, unique_indices=True, mode="fill", fill_value=0), tree, indices)
+
+
+def _decay_flags(weight_decay_mask: Any, params: Any) -> Any:
+  """``optax.adamw``'s ``mask`` as one Python bool per leaf of ``params`` (a mask may be a
+  prefix of the parameters' tree, or a callable of them)."""
+  if weight_decay_mask is None:
+    return jax.tree.map(lambda _: True, params)
+  given = weight_decay_mask(params) if callable(weight_decay_mask) else weight_decay_mask
+  full = jax.tree.map(lambda flag, subtree: jax.tree.map(lambda _: flag, subtree), given, params)
+
+  def flag(name, value):
+    if np.ndim(value) or isinstance(value, jax.core.Tracer):
+      raise TypeError(f"weight_decay_mask leaf '{name}' must be a bool (one per parameter "
+                      "leaf) with sparse_state=True.")
+    return bool(value)
+  return jax.tree.unflatten(jax.tree.structure(params),
+                            [flag(name, value) for name, value in _trees.named_leaves(full)])

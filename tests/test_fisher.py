@@ -262,3 +262,29 @@ def test_embedding_lookups_refuse_what_they_cannot_do():
   ignores_offsets = lambda p, b, row_offsets: loss_fn(p, b)
   with pytest.raises(ValueError, match="all zero"):
     estimate_fisher(ignores_offsets, params, [data], embedding_lookups={table: "input_ids"})
+
+
+def test_a_model_that_updates_state_in_the_pass_is_refused_with_the_fix():
+  from flax import nnx
+
+  class Net(nnx.Module):
+    def __init__(self, rngs):
+      self.dense = nnx.Linear(4, 2, rngs=rngs)
+      self.dropout = nnx.Dropout(0.5, rngs=rngs)
+
+    def __call__(self, x):
+      return self.dropout(self.dense(x))
+
+  model = Net(nnx.Rngs(0))  # train mode: dropout advances its RNG counter
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+  def loss_fn(params, batch):
+    logits = nnx.merge(graphdef, params, rest)(batch["x"])
+    return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(len(logits)), batch["labels"]])
+  data = [{"x": np.ones((4, 4), np.float32), "labels": np.array([0, 1, 0, 1])}]
+  with pytest.raises(ValueError, match=r"changed state .*TraceContextError.*model\.eval\(\)"):
+    estimate_fisher(loss_fn, params, data, chunk_size=2)
+  model.eval()
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  fisher = estimate_fisher(loss_fn, params, data, chunk_size=2)
+  assert float(jnp.sum(fisher["dense"]["kernel"])) > 0

@@ -11,7 +11,7 @@ from flax import traverse_util
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from childtuning_jax.models import EncoderConfig, load_pretrained  # noqa: E402
+from childtuning_jax.models import EncoderConfig, load_pretrained, save_pretrained  # noqa: E402
 from childtuning_jax.models import matmul as matmul_module  # noqa: E402
 from childtuning_jax.models.loading import _flax_path  # noqa: E402
 
@@ -274,3 +274,38 @@ def test_gradients_match_pytorch_transformers(tmp_path, kind, monkeypatch):
     np.testing.assert_allclose(g, w, atol=1e-5 + 1e-3 * np.abs(w).max(), rtol=1e-3, err_msg=torch_name)
     compared += 1
   assert compared >= 2 * 16 + 4, compared
+
+
+@pytest.mark.parametrize("kind", ["bert", "roberta", "electra"])
+@pytest.mark.parametrize("num_labels", [3, 1])
+def test_save_pretrained_gives_pytorch_transformers_the_same_logits(tmp_path, kind, num_labels):
+  """Trained parameters (every leaf moved from the checkpoint's) written by save_pretrained
+  load into transformers' *ForSequenceClassification with our logits, and back into ours."""
+  _torch_model(kind, num_labels).save_pretrained(tmp_path / "pretrained")
+  model, params = load_pretrained(tmp_path / "pretrained", num_labels)
+  rng = np.random.default_rng(1)
+  trained = jax.tree.map(lambda x: x + 0.05 * jnp.asarray(rng.normal(size=x.shape), x.dtype),
+                         params)
+  save_pretrained(tmp_path / "tuned", model, trained)
+  torch_model, info = transformers.AutoModelForSequenceClassification.from_pretrained(
+      tmp_path / "tuned", output_loading_info=True)
+  assert type(torch_model).__name__.lower().startswith(kind)
+  assert all(not keys for keys in info.values()), info
+  assert torch_model.config.num_labels == num_labels
+  torch_model.eval()
+  _compare(kind, model, trained, torch_model)
+  _, again = load_pretrained(tmp_path / "tuned", num_labels)
+  for a, b in zip(jax.tree.leaves(again), jax.tree.leaves(trained)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_save_pretrained_refuses_parameters_of_another_model(tmp_path):
+  _torch_model("bert", 2).save_pretrained(tmp_path / "pretrained")
+  model, params = load_pretrained(tmp_path / "pretrained", 2)
+  with pytest.raises(ValueError, match=r"not the parameters of this bert model: unexpected "
+                     r"\['extra/kernel'\], missing \[\], other shapes \[\]"):
+    save_pretrained(tmp_path / "out", model, {**params, "extra": {"kernel": jnp.ones((2, 2))}})
+  head = {**params, "classifier": {"kernel": jnp.ones((32, 5)), "bias": jnp.ones(5)}}
+  with pytest.raises(ValueError, match=r"classifier/kernel \(32, 5\) vs \(32, 2\)"):
+    save_pretrained(tmp_path / "out", model, head)
+  assert not (tmp_path / "out" / "model.safetensors").exists()

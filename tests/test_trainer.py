@@ -324,3 +324,27 @@ def test_ablation_child_networks_and_prune_at_eval(tiny, tmp_path):
               ("--mode", "ChildTuning-F", "--child_network", "random")):
     with pytest.raises(ValueError, match="options of --mode ChildTuning-D"):
       arguments.parse(["--output_dir", "-", *bad], exit_on_error=False)
+
+
+def test_sparse_optimizer_state_trains_as_dense_and_the_child_delta_rebuilds_the_model(
+    tiny, tmp_path):
+  common = ("--mode", "ChildTuning-D", "--reserve_p", "0.2", "--fisher_num_examples", "32",
+            "--max_steps", "6", "--learning_rate", "1e-3", "--weight_decay", "0.01")
+  dense = run(tiny, tmp_path / "dense", *common)
+  sparse = run(tiny, tmp_path / "sparse", *common, "--sparse_optimizer_state")
+  assert sparse["eval_loss"] == pytest.approx(dense["eval_loss"], rel=1e-5, abs=1e-6)
+  params = checkpoints.latest_params(tmp_path / "sparse" / "checkpoints")
+  model_mask = ct.load_mask(tmp_path / "sparse" / "mask.npz", params)
+  for a, b in zip(jax.tree.leaves(model_mask),
+                  jax.tree.leaves(ct.load_mask(tmp_path / "dense" / "mask.npz", params))):
+    np.testing.assert_array_equal(a, b)
+  # The trainer's child_delta.npz on the pretrained model (its head drawn from --seed, 42 by
+  # default) gives the trained parameters bit for bit.
+  _, pretrained = ct.models.load_pretrained(tiny["model"], 2, seed=42)
+  rebuilt = ct.apply_child_delta(tmp_path / "sparse" / "child_delta.npz", pretrained)
+  for got, want in zip(jax.tree.leaves(rebuilt), jax.tree.leaves(params), strict=True):
+    np.testing.assert_array_equal(np.asarray(got), want)
+  assert sparse["child_delta_bytes"] == (tmp_path / "sparse" / "child_delta.npz").stat().st_size
+  with pytest.raises(ValueError, match="--sparse_optimizer_state keeps the moments of a fixed"):
+    arguments.parse(["--output_dir", "-", "--mode", "ChildTuning-F", "--sparse_optimizer_state"],
+                    exit_on_error=False)

@@ -8,10 +8,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from flax import linen as nn
 from flax import nnx
 from flax.core import FrozenDict
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from childtuning_jax import _trees as ct_trees
 from childtuning_jax import (
     child_tuning_adamw,
     child_tuning_driven,
@@ -54,7 +56,7 @@ def test_unrolled_threefry_is_bit_identical_to_jax_primitive():
 
 def test_free_reserve_one_is_exact_identity():
   grads = _params()
-  updates, _ = _update(child_tuning_free(1.0), grads)
+  updates, _ = _update(child_tuning_free(1.0, key=0), grads)
   for got, want in zip(jax.tree.leaves(updates), jax.tree.leaves(grads)):
     assert got.dtype == want.dtype
     np.testing.assert_array_equal(got, want)
@@ -130,7 +132,7 @@ def test_free_same_key_same_masks_different_key_different_masks():
 
 def test_free_state_key_advances_every_update():
   grads = {"w": jnp.ones((32, 32))}
-  tx = child_tuning_free(0.5)
+  tx = child_tuning_free(0.5, key=0)
   u1, state = tx.update(grads, tx.init(grads))
   u2, _ = tx.update(grads, state)
   assert not np.array_equal(u1["w"], u2["w"])
@@ -139,7 +141,7 @@ def test_free_state_key_advances_every_update():
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
 def test_free_keeps_dtype(dtype):
   grads = jax.tree.map(lambda x: x.astype(dtype), _params())
-  updates, _ = _update(child_tuning_free(0.3), grads)
+  updates, _ = _update(child_tuning_free(0.3, key=0), grads)
   for got, want in zip(jax.tree.leaves(updates), jax.tree.leaves(grads)):
     assert got.dtype == dtype
     kept = np.asarray(got.astype(jnp.float32)) != 0
@@ -151,7 +153,7 @@ def test_free_keeps_dtype(dtype):
 def test_free_chain_under_jit_matches_eager():
   params = _params()
   grads = jax.tree.map(lambda x: 0.1 * x + 1.0, params)
-  tx = optax.chain(child_tuning_free(0.3), optax.adamw(2e-5))
+  tx = optax.chain(child_tuning_free(0.3, key=0), optax.adamw(2e-5))
   eager = tx.update(grads, tx.init(params), params)
   jitted = jax.jit(tx.update)(grads, jax.jit(tx.init)(params), params)
   as_numbers = lambda tree: jax.tree.map(
@@ -299,7 +301,7 @@ def test_child_tuning_adamw_builds_the_same_chains():
     (dict(), "needs reserve_p"),
     (dict(mode="driven"), "needs mask"),
     (dict(mode="driven", mask={"w": np.ones(2, bool)}, reserve_p=0.2), "only used by mode='free'"),
-    (dict(reserve_p=0.3, mask={"w": np.ones(2, bool)}), "mask= is for mode='driven'"),
+    (dict(reserve_p=0.3, mask={"w": np.ones(2, bool)}), r"mask= is CT-D's child network \(mode='driven'\)"),
     (dict(mode="Free", reserve_p=0.3), "mode must be"),
 ])
 def test_child_tuning_adamw_refuses_inconsistent_arguments(kwargs, match):
@@ -328,7 +330,7 @@ def test_driven_mask_with_wrong_dtype_refused_naming_it():
   params = _params()
   mask = _random_mask(params)
   mask["odd"] = mask["odd"].astype(np.float32)
-  with pytest.raises(TypeError, match="'odd' must be a boolean array, got float32"):
+  with pytest.raises(TypeError, match="'odd' must be a boolean array or a bool, got float32"):
     child_tuning_driven(mask)
 
 
@@ -364,7 +366,7 @@ def test_transforms_work_through_nnx_optimizer(mode):
   if mode == "driven":
     scores = jax.tree.map(lambda x: jnp.abs(x), nnx.state(model, nnx.Param))
     mask = select_child_network(scores, 0.3)
-  tx = (child_tuning_adamw(1e-2, reserve_p=0.3, weight_decay=0.1) if mode == "free"
+  tx = (child_tuning_adamw(1e-2, reserve_p=0.3, key=0, weight_decay=0.1) if mode == "free"
         else child_tuning_adamw(1e-2, mode="driven", mask=mask, weight_decay=0.1))
   # flax 0.11 changed the API: Optimizer(model, tx, wrt=...) and update(model, grads).
   new_api = "model" in inspect.signature(nnx.Optimizer.update).parameters
@@ -384,3 +386,75 @@ def test_transforms_work_through_nnx_optimizer(mode):
   if mode == "driven":
     for c, keep in zip(changed, jax.tree.leaves(mask)):
       assert not (c & ~keep).any()
+
+
+# --- trees as users have them --------------------------------------------------------------
+
+
+def _nnx_state_and_linen_names():
+  model = _MLP(nnx.Rngs(0))
+  return model, nnx.state(model, nnx.Param)
+
+
+@pytest.mark.parametrize("form", ["dict", "FrozenDict", "nnx.State", "nnx.to_pure_dict"])
+def test_a_mask_fits_the_same_parameters_in_any_tree_form(form):
+  model, state = _nnx_state_and_linen_names()
+  pure = nnx.to_pure_dict(state)
+  mask_dict = jax.tree.map(lambda x: np.asarray(x) > 0, pure)
+  mask = {"dict": mask_dict, "FrozenDict": FrozenDict(mask_dict),
+          "nnx.State": jax.tree.map(lambda x: np.asarray(x) > 0, state),
+          "nnx.to_pure_dict": nnx.to_pure_dict(jax.tree.map(lambda x: np.asarray(x) > 0, state))}[form]
+  for params in (state, pure, FrozenDict(pure)):  # every form of mask against every form of params
+    tx = child_tuning_driven(mask)
+    grads = jax.tree.map(jnp.ones_like, params)
+    updates, _ = tx.update(grads, tx.init(params))
+    assert jax.tree.structure(updates) == jax.tree.structure(params)
+    got = {n: np.asarray(u) for n, u in ct_trees.named_leaves(updates)}
+    want = {n: np.asarray(m, np.float32) for n, m in ct_trees.named_leaves(mask_dict)}
+    assert got.keys() == want.keys() and all(np.array_equal(got[n], want[n]) for n in got)
+
+
+def test_bool_leaves_and_a_callable_mask_as_optax_takes_them():
+  params = _params()
+  tx = child_tuning_driven({"dense": {"kernel": True, "bias": False}, "odd": _random_mask(params)["odd"],
+                            "scalar": True, "head": False, "empty": True})
+  updates, _ = _update(tx, params)
+  np.testing.assert_array_equal(updates["dense"]["kernel"], params["dense"]["kernel"])
+  assert not np.any(np.asarray(updates["dense"]["bias"]))
+  by_function = child_tuning_driven(lambda p: jax.tree.map(lambda x: x > 0, p))
+  updates, _ = _update(by_function, params)
+  for u, p in zip(jax.tree.leaves(updates), jax.tree.leaves(params)):
+    np.testing.assert_array_equal(u, np.where(np.asarray(p) > 0, p, 0))
+
+
+def test_a_mask_of_other_leaves_is_refused_naming_them_and_the_fix():
+  model, state = _nnx_state_and_linen_names()
+  wrong = {"hidden": {"kernel": True}, "output": {"kernel": True}}
+  with pytest.raises(ValueError, match=r"missing from mask: 'hidden/bias', 'out/bias', "
+                     r"'out/kernel'.*in mask but not in params: 'output/kernel'.*nnx.to_pure_dict"):
+    child_tuning_driven(wrong).init(state)
+
+
+def test_a_mask_saved_from_the_linen_model_loads_into_the_nnx_model(tmp_path):
+  from childtuning_jax import load_mask, save_mask
+
+  class LinenMLP(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.Dense(2, name="out")(nn.relu(nn.Dense(8, name="hidden")(x)))
+  linen = LinenMLP().init(jax.random.key(0), jnp.ones((1, 4)))["params"]
+  mask = jax.tree.map(lambda x: np.asarray(x) > 0, linen)
+  save_mask(tmp_path / "mask.npz", mask)
+  _, state = _nnx_state_and_linen_names()
+  loaded = load_mask(tmp_path / "mask.npz", like=state)
+  assert jax.tree.structure(loaded) == jax.tree.structure(state)
+  assert {n: m.tolist() for n, m in ct_trees.named_leaves(loaded)} == {
+      n: m.tolist() for n, m in ct_trees.named_leaves(mask)}
+  save_mask(tmp_path / "from_nnx.npz", loaded)  # and back
+  np.testing.assert_array_equal(load_mask(tmp_path / "from_nnx.npz", like=linen)["hidden"]["kernel"],
+                                mask["hidden"]["kernel"])
+
+
+def test_adamw_mask_keyword_points_to_weight_decay_mask():
+  with pytest.raises(ValueError, match="weight_decay_mask="):
+    child_tuning_adamw(1e-3, reserve_p=0.3, key=0, mask=lambda p: p)

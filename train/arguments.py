@@ -118,6 +118,10 @@ class TrainingArguments:
       "Fisher information (the paper); 'random': a fixed random choice of the same size; "
       "'lowest_fisher': the lowest Fisher information (the last two are the ablations of the "
       "paper's Table 5).", choices=("fisher", "random", "lowest_fisher"))
+  sparse_optimizer_state: bool = _field(
+      False, "CT-D (and --top_k_layers): keep AdamW's moments for the child network's entries "
+      "only, with their positions: optimizer state in proportion to p (about 0.3x the "
+      "parameters' bytes at p=0.1, against 2x dense). Same updates to float rounding.")
   prune_at_eval: bool = _field(
       False, "CT-D: also evaluate the validation set with every weight outside the child network "
       "set to zero, reported as eval_pruned_<metric> (the 'Prune' ablation of the paper's Table 5).")
@@ -203,6 +207,10 @@ class TrainingArguments:
           "overshoots. Lower --recadam_strength (5000 suits learning rates around 2e-5).")
     if self.mode != "ChildTuning-D" and (self.child_network != "fisher" or self.prune_at_eval):
       raise ValueError("--child_network and --prune_at_eval are options of --mode ChildTuning-D.")
+    if self.sparse_optimizer_state and not (self.mode == "ChildTuning-D"
+                                            or self.top_k_layers is not None):
+      raise ValueError("--sparse_optimizer_state keeps the moments of a fixed child network: "
+                       "use it with --mode ChildTuning-D (or --top_k_layers).")
     if self.prune_at_eval and not self.do_eval:
       raise ValueError("--prune_at_eval is an evaluation: it needs --do_eval.")
     try:

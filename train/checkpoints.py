@@ -114,7 +114,8 @@ def latest_params(directory: str | Path) -> Any:
 
 # Flags that change what the train state holds: a checkpoint of another value cannot be resumed.
 STATE_FLAGS = ("model_name_or_path", "task_name", "train_file", "mode", "top_k_layers",
-               "mixout_p", "recadam_k", "decay_to_pretrained", "max_grad_norm", "weight_decay")
+               "mixout_p", "recadam_k", "decay_to_pretrained", "max_grad_norm", "weight_decay",
+               "sparse_optimizer_state")
 # Flags that do not change the result of a resumed run.
 IGNORED_ON_RESUME = ("resume", "overwrite_output_dir", "output_dir", "disable_tqdm", "eval_steps",
                      "save_steps", "save_total_limit", "num_devices", "jax_distributed",

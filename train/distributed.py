@@ -34,7 +34,9 @@ logger = logging.getLogger(__name__)
 FAILED_KEY = "childtuning_jax/failed"
 ALIVE_KEY = "childtuning_jax/alive/"  # + process index: a counter each process's watchdog bumps
 POLL_SECONDS = 1.0
-_reported = threading.Event()  # this process has failed and said so: its watchdog stands down
+# This process has finished, or failed and said so: its watchdog stands down (the runtime
+# may go away now, as process 0's does when it exits).
+_standing_down = threading.Event()
 
 
 def initialize(args) -> None:
@@ -68,11 +70,17 @@ def report_failure(error: BaseException) -> None:
   if client is None or jax.process_count() == 1:
     return
   reason = f"process {jax.process_index()} stopped: {type(error).__name__}: {error}"
-  _reported.set()
+  _standing_down.set()
   try:
     client.key_value_set(FAILED_KEY, reason)
   except Exception:  # the runtime is already gone: the others see the missing heartbeat
     pass
+
+
+def finished() -> None:
+  """The run is over on this process: the watchdog no longer treats an unreachable runtime
+  as a failure."""
+  _standing_down.set()
 
 
 def exit_now(code: int) -> None:
@@ -97,7 +105,7 @@ def _watch(client, timeout: float) -> None:
   me, count = jax.process_index(), jax.process_count()
   beats = 0
   last_seen = {index: (None, time.monotonic()) for index in range(count) if index != me}
-  while not _reported.is_set():
+  while not _standing_down.is_set():
     beats += 1
     reason = None
     try:
@@ -118,7 +126,7 @@ def _watch(client, timeout: float) -> None:
         elif now - since > timeout:
           reason = reason or (f"process {index} has sent no heartbeat for {timeout:g} s (killed, "
                               "crashed or unreachable)")
-    if reason is not None and not _reported.is_set():
+    if reason is not None and not _standing_down.is_set():
       logger.error("%s. Process %d stops too; to continue, start the same command with --resume "
                    "on every host (it restarts from the last checkpoint).", reason, me)
       exit_now(1)

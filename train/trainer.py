@@ -98,8 +98,9 @@ def optimizer(args: TrainingArguments, schedule: optax.Schedule,
   adamw_args = dict(b1=args.adam_beta1, b2=args.adam_beta2, eps=args.adam_epsilon,
                     weight_decay=args.weight_decay, weight_decay_mask=decays)
   fixed = [piece.mask for piece in pieces if piece.mask is not None]
+  sparse = dict(sparse_state=args.sparse_optimizer_state)
   if fixed:  # Top-K tuning (vanilla mode): a fixed mask of its own, frozen exactly
-    core = ct.child_tuning_adamw(schedule, mode="driven", mask=fixed[0], **adamw_args)
+    core = ct.child_tuning_adamw(schedule, mode="driven", mask=fixed[0], **adamw_args, **sparse)
   elif args.mode == "vanilla":
     adamw_args["mask"] = adamw_args.pop("weight_decay_mask")
     core = optax.adamw(schedule, **adamw_args)
@@ -107,7 +108,7 @@ def optimizer(args: TrainingArguments, schedule: optax.Schedule,
     core = ct.child_tuning_adamw(schedule, mode="free", reserve_p=args.reserve_p, key=key,
                                  **adamw_args)
   else:
-    core = ct.child_tuning_adamw(schedule, mode="driven", mask=mask, **adamw_args)
+    core = ct.child_tuning_adamw(schedule, mode="driven", mask=mask, **adamw_args, **sparse)
   clip = [optax.clip_by_global_norm(args.max_grad_norm)] if args.max_grad_norm > 0 else []
   return optax.chain(*(t for piece in pieces for t in piece.before_clipping), *clip, core,
                      *(t for piece in pieces for t in piece.after_optimizer))
@@ -129,11 +130,14 @@ def check_flags_against_data(args: TrainingArguments, data_args: DataArguments, 
                      f"{config.num_hidden_layers} layers.")
 
 
-def child_network_of(opt_state: Any) -> Any:
-  """The CT-D mask kept in an optimizer state."""
-  states = [s for s in jax.tree.leaves(opt_state, is_leaf=lambda s: isinstance(s, ct.ChildTuningDrivenState))
-            if isinstance(s, ct.ChildTuningDrivenState)]
-  return states[0].mask
+def child_network_of(opt_state: Any, params: Any) -> Any:
+  """The CT-D mask kept in an optimizer state (rebuilt from the positions a sparse state
+  keeps instead)."""
+  mask = optax.tree_utils.tree_get(opt_state, "mask")
+  if mask is not None:
+    return mask
+  return jax.tree.map(lambda where, p: jnp.zeros(p.size, bool).at[where].set(True, mode="drop").reshape(p.shape),
+                      optax.tree_utils.tree_get(opt_state, "indices"), params)
 
 
 # ----------------------------------------------------------------------------- steps
@@ -267,7 +271,7 @@ def prepare_output_dir(args: TrainingArguments) -> None:
   if fresh and jax.process_index() == 0:
     shutil.rmtree(output_dir / "checkpoints", ignore_errors=True)
     for name in ("metrics.jsonl", "all_results.json", "train_results.json", "eval_results.json",
-                 "mask.npz", "mask_keep_fractions.json"):
+                 "mask.npz", "mask_keep_fractions.json", "child_delta.npz"):
       (output_dir / name).unlink(missing_ok=True)
   output_dir.mkdir(parents=True, exist_ok=True)
   if jax.process_count() > 1:  # no process looks at the directory before process 0 cleared it
@@ -396,7 +400,9 @@ def train_and_evaluate(model_args: ModelArguments, data_args: DataArguments,
   """
   with loop.StopSignals() as signals:
     try:
-      return _train_and_evaluate(model_args, data_args, args, signals)
+      results = _train_and_evaluate(model_args, data_args, args, signals)
+      distributed.finished()
+      return results
     except BaseException as error:
       if not (getattr(error, "agreed", False) or isinstance(error, loop.Diverged)):
         distributed.report_failure(error)  # every process reaches the other two together
@@ -415,6 +421,7 @@ class Setup:
   eval_arrays: dict
   model: Any
   params: Any  # the pretrained parameters (a fresh head where the checkpoint has none)
+  pretrained: Callable[[], Any]  # reads them again (training donates the copy above)
   from_checkpoint: Callable[[str], bool]
   steps: loop.Steps
   schedule: optax.Schedule
@@ -438,8 +445,8 @@ def start(model_args, data_args, args, signals) -> Setup:
   prepare_output_dir(args)
   run = Run(args)
   flags = as_dict(model_args, data_args, args)
-  datasets, train_arrays, eval_arrays, model, params, from_checkpoint = load_data_and_model(
-      model_args, data_args, args)
+  datasets, train_arrays, eval_arrays, model, params, from_checkpoint, pretrained = (
+      load_data_and_model(model_args, data_args, args))
   steps = plan_steps(args, run, len(train_arrays["labels"]))
   checkpoints = (checkpoints_lib.manager(run.output_dir / "checkpoints", args.save_total_limit)
                  if args.do_train else None)
@@ -448,7 +455,7 @@ def start(model_args, data_args, args, signals) -> Setup:
     checkpoints_lib.check_resumable(checkpoints, flags, steps.batch_size)
   run.write_json("run_args.json", flags)
   return Setup(args=args, flags=flags, run=run, datasets=datasets, train_arrays=train_arrays,
-               eval_arrays=eval_arrays, model=model, params=params,
+               eval_arrays=eval_arrays, model=model, params=params, pretrained=pretrained,
                from_checkpoint=from_checkpoint, steps=steps,
                schedule=learning_rate_schedule(args, steps.total), checkpoints=checkpoints,
                resuming=resuming)
@@ -487,8 +494,21 @@ def initial_state(setup: Setup, mask: Any):
   if setup.resuming:
     state = checkpoints_lib.restore(setup.checkpoints, state)
   if args.mode == "ChildTuning-D":
-    write_child_network(child_network_of(state.opt_state), setup.run)
+    write_child_network(child_network_of(state.opt_state, state.params), setup.run)
   return state, tx, pieces
+
+
+def write_child_delta(setup: Setup, state: TrainState) -> int:
+  """``child_delta.npz``: the child entries training changed (``ct.apply_child_delta`` on the
+  pretrained parameters rebuilds the fine-tuned ones). Returns its size in bytes."""
+  params = jax.device_get(state.params)  # every process: the parameters are replicated
+  if not setup.run.is_main:
+    return 0
+  written = ct.save_child_delta(setup.run.output_dir / "child_delta.npz", params,
+                                setup.pretrained(), child_network_of(state.opt_state, params))
+  logger.info("child_delta.npz: %d changed entries of %d, %.1f MiB", written["entries"],
+              written["parameters"], written["bytes"] / 2**20)
+  return written["bytes"]
 
 
 def _evaluator(setup: Setup) -> tuple[Callable, Callable]:
@@ -534,7 +554,7 @@ def evaluate_and_write(setup: Setup, state: TrainState, log: loop.MetricsLog, ru
     eval_step, evaluate_params = _evaluator(setup)
     results = evaluate_params(state.params)
     if args.prune_at_eval:  # Table 5's "Prune": the weights outside the child network set to 0
-      mask = child_network_of(state.opt_state)
+      mask = child_network_of(state.opt_state, state.params)
       pruned = jax.tree.map(lambda p, keep: jnp.where(keep, p, 0), state.params, mask)
       name, arrays = next(iter(setup.eval_arrays.items()))
       results.update({f"eval_pruned_{metric}": value for metric, value in evaluate(
@@ -555,6 +575,8 @@ def evaluate_and_write(setup: Setup, state: TrainState, log: loop.MetricsLog, ru
     }
     if child_network_runtime is not None:  # CT-D: Fisher pass and selection, before training
       train_results["child_network_runtime"] = child_network_runtime
+    if args.mode == "ChildTuning-D":
+      train_results["child_delta_bytes"] = write_child_delta(setup, state)
     run.write_json("train_results.json", train_results)
     all_results = {**train_results, **results}
   if args.do_eval:
@@ -567,7 +589,8 @@ def load_data_and_model(model_args: ModelArguments, data_args: DataArguments,
                         args: TrainingArguments):
   """The data sets (tokenised) and the pretrained model, every check that needs them done
   before any training: ``(datasets, train_arrays, eval_arrays, model, params,
-  from_checkpoint)``, where ``from_checkpoint(name)`` says whether a leaf was pretrained."""
+  from_checkpoint, pretrained)``, where ``from_checkpoint(name)`` says whether a leaf was
+  pretrained and ``pretrained()`` reads the same parameters again."""
   model_path = resolve_checkpoint(model_args.model_name_or_path or embedded_model_path())
   config = load_config(model_path)  # refuses a directory without config.json or weights
   default_data = not (data_args.task_name or data_args.train_file)
@@ -596,7 +619,8 @@ def load_data_and_model(model_args: ModelArguments, data_args: DataArguments,
     always_trainable(args.always_trainable, params)  # a bad pattern fails now, not after the Fisher pass
   not_pretrained = set(loading["missing_keys"])  # incl. a head re-initialised for its shape
   from_checkpoint = lambda name: name not in not_pretrained  # a fresh head has no w0
-  return datasets, train_arrays, eval_arrays, model, params, from_checkpoint
+  pretrained = lambda: load_pretrained(model_path, datasets.num_labels, seed=args.seed)[1]
+  return datasets, train_arrays, eval_arrays, model, params, from_checkpoint, pretrained
 
 
 def plan_steps(args: TrainingArguments, run: Run, num_examples: int) -> loop.Steps:
