@@ -151,6 +151,7 @@ def test_overlap_probe_and_results_md(campaign):
     assert (tmp_path / "results" / f"{name}.md").read_text().strip() in text
     assert f"](results/{name}.png)" in text
   assert "python -m train.experiments all --seeds 2" in text
+  assert "p the fraction of the encoder blocks' entries (the published code's budget)" in text
 
 
 def test_dry_run_prints_the_trainer_commands(campaign, capsys):

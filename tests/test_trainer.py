@@ -302,17 +302,26 @@ def test_ablation_child_networks_and_prune_at_eval(tiny, tmp_path):
     results = run(tiny, tmp_path / kind, *common, "--child_network", kind)
     assert results == {} and not (tmp_path / kind / "checkpoints").exists()  # mask only
     masks[kind] = ct.load_mask(tmp_path / kind / "mask.npz", params)
-  selectable = lambda mask: {n: m for n, m in ct._trees.named_leaves(mask)
-                             if not n.startswith("classifier/")}
+  # By default, as the published code, only the encoder blocks compete: p of their entries.
+  selectable = lambda mask: {n: m for n, m in ct._trees.named_leaves(mask) if "/layer_" in n}
   for kind, mask in masks.items():
     leaves = selectable(mask)
     total = sum(m.size for m in leaves.values())
     assert sum(int(m.sum()) for m in leaves.values()) == round(0.25 * total), kind
+    assert all(m.all() for n, m in ct._trees.named_leaves(mask) if n not in leaves), kind
+    fractions = read_json(tmp_path / kind / "mask_keep_fractions.json")
+    assert fractions["competing"] == fractions["encoder_blocks"] == pytest.approx(0.25, abs=1e-4)
+    assert fractions["per_layer"]["embeddings"] == fractions["per_layer"]["classifier"] == 1.0
   # Highest and lowest Fisher are disjoint (apart from entries whose Fisher ties at the border).
   top, low = selectable(masks["fisher"]), selectable(masks["lowest_fisher"])
   overlap = sum(int((top[n] & low[n]).sum()) for n in top)
   assert overlap <= 0.01 * sum(int(m.sum()) for m in top.values())
-  assert ct.mask_jaccard(masks["fisher"], masks["random"]) < 0.3
+  assert ct.mask_jaccard(selectable(masks["fisher"]), selectable(masks["random"])) < 0.3
+  # This project's earlier default: everything but the head competes.
+  run(tiny, tmp_path / "head_only", *common, "--always_trainable", "^classifier/")
+  fractions = read_json(tmp_path / "head_only" / "mask_keep_fractions.json")
+  assert fractions["competing"] == pytest.approx(0.25, abs=1e-4)
+  assert fractions["per_layer"]["embeddings"] < 1.0 and fractions["per_layer"]["classifier"] == 1.0
 
   # Prune: evaluation with the weights outside the child network set to zero.
   results = run(tiny, tmp_path / "prune", "--mode", "ChildTuning-D", "--reserve_p", "0.25",

@@ -17,6 +17,9 @@ import typing
 from typing import Any, Literal, Sequence
 
 MODES = ("vanilla", "ChildTuning-F", "ChildTuning-D")
+# The published code masks only the encoder blocks (names containing "layer"): everything
+# else is trained in full.
+PUBLISHED_ALWAYS_TRAINABLE = "^(?!.*/layer_)"
 
 
 # Field metadata that bounds a flag's value (checked by check_ranges, not passed to argparse).
@@ -100,9 +103,13 @@ class TrainingArguments:
       0.3, "Child-Tuning's p: the keep probability (F) or the fraction of entries in the "
       "child network (D). The paper uses 0.2-0.4 (F), 0.1-0.3 (D).", above=0.0, maximum=1.0)
   always_trainable: str = _field(
-      "^classifier/", "CT-D: parameters whose path (e.g. bert/encoder/layer_0/attention/self/"
-      "query/kernel) matches this regular expression are trained in full. '' for none; "
-      "'^(?!.*/layer_)' reproduces the published code (only encoder layers masked).")
+      PUBLISHED_ALWAYS_TRAINABLE, "CT-D: parameters whose path (e.g. bert/embeddings/"
+      "word_embeddings/embedding) matches this regular expression are trained in full; the "
+      "others compete for the child network, p of their entries. The default, everything "
+      "outside the encoder blocks (embeddings, pooler, head), is the published code's choice: "
+      "p is then the fraction of the encoder blocks the paper's p means. '^classifier/' lets "
+      "the embeddings and pooler compete too (this project's default before); '' lets "
+      "everything compete.")
   fisher_num_examples: int | None = _field(
       None, "CT-D: training examples in the Fisher pass (default: all, as the published code).",
       minimum=1)

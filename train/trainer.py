@@ -344,11 +344,22 @@ def layer_of(name: str) -> str:
   return parts[0] if parts[0] == "classifier" or len(parts) < 3 else parts[1]
 
 
-def write_child_network(mask: Any, run: Run) -> None:
+def write_child_network(mask: Any, run: Run, always_trainable_pattern: str) -> None:
+  """``mask.npz`` and ``mask_keep_fractions.json``: the child's share of all entries, of the
+  entries that competed for it (outside ``--always_trainable``: p by construction), of the
+  encoder blocks' entries, and of each layer's."""
   if not run.is_main:
     return
-  ct.save_mask(run.output_dir / "mask.npz", jax.device_get(mask))
-  fractions = {"overall": ct.keep_fractions(mask, group_by=lambda name: "overall")["overall"],
+  mask = jax.device_get(mask)
+  ct.save_mask(run.output_dir / "mask.npz", mask)
+  always = re.compile(always_trainable_pattern) if always_trainable_pattern else None
+
+  def share(selected: Callable[[str], bool]) -> float | None:
+    groups = ct.keep_fractions(mask, group_by=lambda name: "in" if selected(name) else "out")
+    return groups.get("in")
+  fractions = {"overall": share(lambda name: True),
+               "competing": share(lambda name: not (always and always.search(name))),
+               "encoder_blocks": share(lambda name: "/encoder/layer_" in name),
                "per_layer": ct.keep_fractions(mask, group_by=layer_of)}
   run.write_json("mask_keep_fractions.json", fractions)
 
@@ -494,7 +505,8 @@ def initial_state(setup: Setup, mask: Any):
   if setup.resuming:
     state = checkpoints_lib.restore(setup.checkpoints, state)
   if args.mode == "ChildTuning-D":
-    write_child_network(child_network_of(state.opt_state, state.params), setup.run)
+    write_child_network(child_network_of(state.opt_state, state.params), setup.run,
+                        args.always_trainable)
   return state, tx, pieces
 
 

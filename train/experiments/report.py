@@ -21,6 +21,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from childtuning_jax import mask_jaccard
+from train import arguments
 from train.experiments import cells
 from train.experiments.cells import Setting
 
@@ -231,12 +232,33 @@ def _ood_average(setting: Setting, cell: str) -> dict[int, float]:
   return {seed: float(np.mean([c[seed] for c in columns])) for seed in sorted(seeds)}
 
 
+_BUDGETS = {
+    arguments.PUBLISHED_ALWAYS_TRAINABLE: "embeddings, pooler and head trained in full, p the "
+    "fraction of the encoder blocks' entries (the published code's budget)",
+    "^classifier/": "the head trained in full, every other parameter competing for p of the "
+    "entries",
+}
+
+
+def _budget(setting: Setting) -> str:
+  """What CT-D's p was a fraction of, read from the CT-D runs' recorded flags."""
+  patterns = sorted({json.loads(f.read_text()).get("always_trainable", "")
+                     for f in (setting.root / "runs").glob("*/seed_*/run_args.json")
+                     if json.loads(f.read_text()).get("mode") == "ChildTuning-D"}, key=str)
+  return "; ".join(_BUDGETS.get(p, f"trained in full: `--always_trainable {p}`")
+                   for p in patterns) or "no CT-D run"
+
+
 def child_network_layers(setting: Setting, path: Path) -> Table:
   """Per-layer keep fraction of the CT-D child networks (mean over seeds)."""
-  fractions = {}
+  fractions, patterns = {}, set()
   for name in cells.EXPERIMENT_CELLS["layers"]:
     files = sorted((setting.root / "runs" / name).glob("seed_*/mask_keep_fractions.json"))
     per_seed = [json.loads(f.read_text())["per_layer"] for f in files]
+    for f in files:
+      run_args = f.parent / "run_args.json"
+      if run_args.is_file():
+        patterns.add(json.loads(run_args.read_text()).get("always_trainable"))
     if per_seed:
       fractions[name] = {group: float(np.mean([p[group] for p in per_seed])) for group in per_seed[0]}
   groups = list(next(iter(fractions.values()), {}))
@@ -246,8 +268,10 @@ def child_network_layers(setting: Setting, path: Path) -> Table:
   for group in groups:
     table.rows.append([group, *(f"{fractions[name][group]:.3f}" for name in fractions)])
     table.raw.append({"part": group, **{name: fractions[name][group] for name in fractions}})
-  table.notes.append("`classifier` is always trainable (`--always_trainable ^classifier/`); the "
-                     "rest competes for one global budget of p × (number of entries).")
+  if patterns:
+    table.notes.append("Trained in full: the parameters matching `--always_trainable` ("
+                       + ", ".join(f"`{p}`" for p in sorted(patterns, key=str)) + "); the rest "
+                       "competes for one global budget of p × (its number of entries).")
   if fractions:
     plt = _pyplot()
     figure, axis = plt.subplots(figsize=(8, 3.8))
@@ -440,7 +464,7 @@ def write_results_md(setting: Setting) -> Path:
       f"- Evaluation on the first {setting.max_eval_samples} of the held-out Rotten Tomatoes "
       "reviews (whole movies held out).",
       f"- CT-D's Fisher information from {setting.fisher_num_examples} of the training examples, "
-      "per example (Eq. 10); the head is always trainable.",
+      f"per example (Eq. 10); {_budget(setting)}.",
       f"- Seeds per cell: {_span(seeds[n] for n in all_cells)} "
       f"(the issue asks for 5; the paper uses 10). A seed fixes the training subset, the head's "
       "initialisation, the data order, dropout and CT-F's masks.",
