@@ -38,3 +38,98 @@ def test_rotten_tomatoes_files_use_the_shared_binary_labels(tmp_path):
   data = load_local(train)
   assert data.label_names == ["negative", "positive"] and len(data) > 10_000
   assert len(load_local(validation, label_list=data.label_names)) >= 1000
+
+
+def _bigbench_archive(path, epistemic, vitaminc):
+  """A tarball laid out as the bigbench sdist, holding the two tasks' task.json."""
+  import io
+  import json
+  import tarfile
+
+  with tarfile.open(path, "w:gz") as tar:
+    for task, examples in (("epistemic_reasoning", epistemic),
+                           ("vitaminc_fact_verification", vitaminc)):
+      data = json.dumps({"name": task, "examples": examples}).encode()
+      info = tarfile.TarInfo(f"{prepare_data.BIGBENCH_TASKS}/{task}/task.json")
+      info.size = len(data)
+      tar.addfile(info, io.BytesIO(data))
+  return path
+
+
+def _epistemic(i, entails):
+  return {"input": f"Premise: Ann knows that dog {i} runs. Hypothesis: dog {i} runs.",
+          "target_scores": {"entailment": int(entails), "non-entailment": int(not entails)}}
+
+
+def _vitaminc(claim, evidence, label):
+  return {"input": f"Page {claim}: {evidence}\nClaim: claim {claim}.",
+          "target_scores": {name: int(name == label) for name in ("True", "False", "Neither")}}
+
+
+def test_bigbench_sentence_pair_tasks_are_written_as_trainer_files(tmp_path, monkeypatch):
+  monkeypatch.setattr(prepare_data, "EPISTEMIC_VALIDATION", 5)
+  monkeypatch.setattr(prepare_data, "VITAMINC_SIZES", {"train": 12, "validation": 6})
+  vitaminc = [_vitaminc(c, f"evidence {c}.{k}", ("True", "False", "Neither")[(c + k) % 3])
+              for c in range(10) for k in range(3)]  # 10 claims, 3 pairs each
+  archive = _bigbench_archive(tmp_path / "bigbench.tar.gz",
+                              [_epistemic(i, i % 3 == 0) for i in range(20)], vitaminc)
+  train, validation = prepare_data.write_epistemic_reasoning(
+      prepare_data.read_bigbench_task(archive, "epistemic_reasoning"), tmp_path)
+  data = load_local(train)
+  assert data.label_names == ["entailment", "non-entailment"] and len(data) == 15
+  assert len(load_local(validation, label_list=data.label_names)) == 5
+  pairs = set(zip(data.text_a, data.text_b))
+  assert ("Ann knows that dog 3 runs.", "dog 3 runs.") in pairs | set(zip(
+      load_local(validation).text_a, load_local(validation).text_b))
+
+  train, validation = prepare_data.write_vitaminc(
+      prepare_data.read_bigbench_task(archive, "vitaminc_fact_verification"), tmp_path)
+  train_data, validation_data = load_local(train), load_local(validation)
+  assert len(train_data) == 12 and len(validation_data) == 6
+  assert set(train_data.label_names) == {"supports", "refutes", "not_enough_info"}
+  assert not set(train_data.text_b) & set(validation_data.text_b)  # split by claim
+  assert train_data.text_a[0].startswith("Page ") and train_data.text_b[0].startswith("claim ")
+
+
+def test_bigbench_input_that_does_not_fit_is_named(tmp_path):
+  bad = [{"input": "A dog runs. So: it moves.", "target_scores": {"entailment": 1,
+                                                                   "non-entailment": 0}}]
+  archive = _bigbench_archive(tmp_path / "bigbench.tar.gz", bad, [])
+  rows = prepare_data.read_bigbench_task(archive, "epistemic_reasoning")
+  with pytest.raises(ValueError, match="epistemic_reasoning example 0: expected 'Premise: ... "
+                                       "Hypothesis: ...'"):
+    prepare_data.write_epistemic_reasoning(rows, tmp_path)
+  two = [{"input": "Premise: a. Hypothesis: b.", "target_scores": {"entailment": 1,
+                                                                     "non-entailment": 1}}]
+  archive = _bigbench_archive(tmp_path / "two.tar.gz", two, [])
+  with pytest.raises(ValueError, match="example 0: expected one target with score 1"):
+    prepare_data.read_bigbench_task(archive, "epistemic_reasoning")
+
+
+def test_the_sdist_is_fetched_once_and_checked_against_the_index(tmp_path, monkeypatch):
+  import hashlib
+  import io
+
+  source = tmp_path / "upstream.tar.gz"
+  source.write_bytes(b"the sdist's bytes")
+  digest = hashlib.sha256(source.read_bytes()).hexdigest()
+  page = {"digest": digest}
+  downloads = []
+
+  def urlopen(url):
+    assert url == "https://pypi.org/simple/bigbench/"
+    return io.BytesIO(f'<a href="https://files.example/p/bigbench-1.0.0.tar.gz#sha256='
+                      f'{page["digest"]}">bigbench-1.0.0.tar.gz</a>'.encode())
+
+  def urlretrieve(url, path):
+    downloads.append(url)
+    path.write_bytes(source.read_bytes())
+  monkeypatch.setattr(prepare_data.urllib.request, "urlopen", urlopen)
+  monkeypatch.setattr(prepare_data.urllib.request, "urlretrieve", urlretrieve)
+  path = prepare_data.fetch_sdist("bigbench", "1.0.0", tmp_path / "downloads")
+  assert path.read_bytes() == source.read_bytes() and len(downloads) == 1
+  prepare_data.fetch_sdist("bigbench", "1.0.0", tmp_path / "downloads")
+  assert len(downloads) == 1  # kept: the file matches the index's digest
+  page["digest"] = "0" * 64
+  with pytest.raises(OSError, match="SHA-256 is not the index's"):
+    prepare_data.fetch_sdist("bigbench", "1.0.0", tmp_path / "downloads")

@@ -16,7 +16,18 @@ Sources (nothing is committed; both come from PyPI):
   and ``vader/<name>_binary.csv`` (``negative``/``positive`` by the rating's
   sign; ratings of exactly 0 dropped), rows shuffled with a fixed seed.
 
-Every binary file uses the labels ``negative``/``positive`` (Rotten
+- Two sentence-pair tasks from the ``bigbench==1.0.0`` source distribution
+  (358 MB, fetched once into ``<output_dir>/downloads`` from PyPI's simple
+  index and checked against its SHA-256; ``pip download`` refuses it, since
+  its metadata names a dependency by URL), read out of the tarball:
+  ``epistemic_reasoning/{train,validation}.csv`` (2,000 premise/hypothesis
+  pairs, ``entailment``/``non-entailment``: RTE-sized; 500 pairs held out)
+  and ``vitaminc/{train,validation}.csv`` (evidence/claim pairs, labels
+  ``supports``/``refutes``/``not_enough_info``, subsampled to an RTE/MRPC-sized
+  low-resource task: 2,500 training and 1,000 validation pairs, split by claim
+  so that no claim is in both). Columns ``sentence1,sentence2,label``.
+
+Every binary sentiment file uses the labels ``negative``/``positive`` (Rotten
 Tomatoes' rotten/fresh are written that way too), so a model trained on one
 can be evaluated on the others (``--extra_eval_files``).
 """
@@ -25,10 +36,15 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import io
+import json
+import re
 import subprocess
 import sys
 import tarfile
+import urllib.request
+from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +60,12 @@ VADER_INNER = "vaderSentiment-3.3.2/additional_resources/hutto_ICWSM_2014.tar.gz
 VADER_SETS = {"movie": "movieReviewSnippets", "amazon": "amazonReviewSnippets",
               "nyt": "nytEditorialSnippets", "tweets": "tweets"}
 BINARY_LABELS = ("negative", "positive")
+BIGBENCH_SDIST = ("bigbench", "1.0.0")
+BIGBENCH_TASKS = "bigbench-1.0.0/bigbench/benchmark_tasks"
+EPISTEMIC_VALIDATION = 500
+VITAMINC_SIZES = {"train": 2500, "validation": 1000}
+VITAMINC_LABELS = {"True": "supports", "False": "refutes", "Neither": "not_enough_info"}
+SIMPLE_INDEX = "https://pypi.org/simple"
 
 
 def parse_ground_truth(text: str, source: str) -> list[tuple[str, float]]:
@@ -104,6 +126,99 @@ def write_vader(sets: dict[str, list[tuple[str, float]]], output_dir: Path) -> l
   return written
 
 
+def fetch_sdist(name: str, version: str, download_dir: Path) -> Path:
+  """The source distribution ``name==version`` from PyPI's simple index (PEP 503), checked
+  against the SHA-256 the index gives; downloaded once."""
+  download_dir.mkdir(parents=True, exist_ok=True)
+  filename = f"{name}-{version}.tar.gz"
+  with urllib.request.urlopen(f"{SIMPLE_INDEX}/{name}/") as response:
+    page = response.read().decode()
+  found = re.search(rf'href="([^"]*/{re.escape(filename)})#sha256=([0-9a-f]{{64}})"', page)
+  if found is None:
+    raise FileNotFoundError(f"{SIMPLE_INDEX}/{name}/ lists no {filename}.")
+  url, digest = found.groups()
+  path = download_dir / filename
+  if not (path.is_file() and _sha256(path) == digest):
+    partial = path.with_name(filename + ".partial")
+    print(f"downloading {url}", file=sys.stderr)
+    urllib.request.urlretrieve(url, partial)
+    if _sha256(partial) != digest:
+      raise OSError(f"{url}: the download's SHA-256 is not the index's {digest}; try again.")
+    partial.replace(path)
+  return path
+
+
+def _sha256(path: Path) -> str:
+  digest = hashlib.sha256()
+  with open(path, "rb") as file:
+    for block in iter(lambda: file.read(1 << 20), b""):
+      digest.update(block)
+  return digest.hexdigest()
+
+
+def read_bigbench_task(archive: Path, task: str) -> list[tuple[str, str]]:
+  """``[(input, label)]`` of a BIG-bench task in the sdist, the label being the target
+  whose score is 1."""
+  member = f"{BIGBENCH_TASKS}/{task}/task.json"
+  with tarfile.open(archive) as tar:
+    examples = json.load(tar.extractfile(member))["examples"]
+  rows = []
+  for number, example in enumerate(examples):
+    best = [name for name, score in example["target_scores"].items() if score == 1]
+    if len(best) != 1:
+      raise ValueError(f"{member}, example {number}: expected one target with score 1, got "
+                       f"{example['target_scores']}.")
+    rows.append((example["input"], best[0]))
+  return rows
+
+
+def split_pair(text: str, first: str, second: str, source: str) -> tuple[str, str]:
+  """``'<first> A <second> B'`` -> ``('A', 'B')``; a missing marker is named."""
+  head, marker, tail = text.partition(second)
+  if not marker or not head.startswith(first):
+    raise ValueError(f"{source}: expected '{first} ... {second} ...', got {text[:80]!r}.")
+  return head[len(first):].strip(), tail.strip()
+
+
+def write_epistemic_reasoning(rows: list[tuple[str, str]], output_dir: Path) -> list[Path]:
+  """Premise/hypothesis pairs in a fixed shuffled order, the last ``EPISTEMIC_VALIDATION``
+  held out."""
+  pairs = [(*split_pair(text, "Premise:", "Hypothesis:", f"epistemic_reasoning example {i}"),
+            label) for i, (text, label) in enumerate(rows)]
+  pairs = [pairs[i] for i in np.random.default_rng(0).permutation(len(pairs))]
+  cut = len(pairs) - EPISTEMIC_VALIDATION
+  return [write_pairs(output_dir / "epistemic_reasoning" / "train.csv", pairs[:cut]),
+          write_pairs(output_dir / "epistemic_reasoning" / "validation.csv", pairs[cut:])]
+
+
+def write_vitaminc(rows: list[tuple[str, str]], output_dir: Path) -> list[Path]:
+  """Evidence/claim pairs, claims in a fixed shuffled order; each split takes whole claims
+  (all of a claim's pairs) until it holds its size, so no claim is in two splits."""
+  by_claim = defaultdict(list)
+  for number, (text, label) in enumerate(rows):
+    evidence, claim = split_pair(text, "", "\nClaim:", f"vitaminc example {number}")
+    by_claim[claim].append((evidence, claim, VITAMINC_LABELS[label]))
+  claims = list(by_claim)
+  order = iter(np.random.default_rng(0).permutation(len(claims)))
+  written = []
+  for split in ("validation", "train"):
+    pairs = []
+    while len(pairs) < VITAMINC_SIZES[split]:
+      pairs += by_claim[claims[next(order)]]
+    written.append(write_pairs(output_dir / "vitaminc" / f"{split}.csv",
+                               pairs[:VITAMINC_SIZES[split]]))
+  return written[::-1]
+
+
+def write_pairs(path: Path, rows) -> Path:
+  path.parent.mkdir(parents=True, exist_ok=True)
+  with open(path, "w", newline="", encoding="utf-8") as file:
+    writer = csv.writer(file)
+    writer.writerow(["sentence1", "sentence2", "label"])
+    writer.writerows(rows)
+  return path
+
+
 def write_rotten_tomatoes(output_dir: Path) -> list[Path]:
   written = []
   for dataset in input_pipeline.rotten_tomatoes():
@@ -119,8 +234,12 @@ def main(argv=None) -> list[Path]:
   parser.add_argument("--output_dir", default="data", help="where the CSV files go")
   args = parser.parse_args(argv)
   output_dir = Path(args.output_dir)
-  written = write_rotten_tomatoes(output_dir) + write_vader(fetch_vader(output_dir / "downloads"),
-                                                             output_dir)
+  downloads = output_dir / "downloads"
+  written = write_rotten_tomatoes(output_dir) + write_vader(fetch_vader(downloads), output_dir)
+  bigbench = fetch_sdist(*BIGBENCH_SDIST, downloads)
+  written += write_epistemic_reasoning(read_bigbench_task(bigbench, "epistemic_reasoning"),
+                                       output_dir)
+  written += write_vitaminc(read_bigbench_task(bigbench, "vitaminc_fact_verification"), output_dir)
   for path in written:
     print(f"{path}: {sum(1 for _ in open(path, encoding='utf-8')) - 1} examples")
   return written
