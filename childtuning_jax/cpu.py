@@ -20,6 +20,7 @@ the process keeps its peak heap until it exits.
 """
 
 import ctypes
+import importlib.util
 import os
 import sys
 
@@ -33,8 +34,9 @@ def restart_keeping_freed_memory() -> None:
   For the ``if __name__ == "__main__":`` block of a script, before anything
   else runs (the process is replaced: ``os.execve`` of ``sys.orig_argv``).
   Does nothing when any of the variables is already set (the user's own
-  choice, or the restarted process), off Linux, or where the C library is
-  not glibc.
+  choice, or the restarted process), off Linux, where the C library is not
+  glibc, or when JAX will run on an accelerator (:func:`accelerator_expected`):
+  the settings were measured for XLA's CPU runtime only.
 
   Examples:
     >>> from childtuning_jax.cpu import MALLOC_ENV, restart_keeping_freed_memory
@@ -43,8 +45,31 @@ def restart_keeping_freed_memory() -> None:
   """
   if not sys.platform.startswith("linux") or any(name in os.environ for name in MALLOC_ENV):
     return
+  if accelerator_expected():
+    return
   if not hasattr(ctypes.CDLL(None), "gnu_get_libc_version"):  # musl and others
     return
   sys.stdout.flush()
   sys.stderr.flush()
   os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], {**os.environ, **MALLOC_ENV})
+
+
+# Packages that give JAX a GPU or TPU backend.
+ACCELERATOR_PLUGINS = ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm6_plugin",
+                       "jax_rocm7_plugin", "libtpu")
+
+
+def accelerator_expected() -> bool:
+  """Whether JAX will pick a GPU or TPU, told without starting JAX: ``JAX_PLATFORMS`` when
+  set (its first platform), otherwise whether a GPU or TPU plugin is installed.
+
+  Examples:
+    >>> import os
+    >>> from childtuning_jax.cpu import accelerator_expected
+    >>> os.environ.get("JAX_PLATFORMS", "") != "cpu" or not accelerator_expected()
+    True
+  """
+  platforms = os.environ.get("JAX_PLATFORMS", "").strip()
+  if platforms:
+    return platforms.split(",")[0].strip() != "cpu"
+  return any(importlib.util.find_spec(name) is not None for name in ACCELERATOR_PLUGINS)

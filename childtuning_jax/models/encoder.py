@@ -53,6 +53,10 @@ _ARCHITECTURES = {
 }
 
 
+SPEED_PATH_CHOICES = {"dropout_impl": ("auto", "hash", "flax"),
+                      "dense_backward": ("auto", "transposed_copy", "jax")}
+
+
 @dataclasses.dataclass(frozen=True)
 class EncoderConfig:
   """The fields of a Hugging Face ``config.json`` that the encoder uses."""
@@ -74,6 +78,10 @@ class EncoderConfig:
   pad_token_id: int = 0
   initializer_range: float = 0.02
   num_labels: int = 2
+  # The CPU speed paths (BENCHMARKS.md, step variants), each "auto" by default: on for the
+  # "cpu" backend, stock Flax/JAX on every other (see resolved_speed_paths).
+  dropout_impl: str = "auto"  # "hash": Dropout below; "flax": nn.Dropout
+  dense_backward: str = "auto"  # "transposed_copy": models.matmul; "jax": JAX's own VJP
 
   def __post_init__(self):
     if self.model_type not in _ARCHITECTURES:
@@ -87,6 +95,20 @@ class EncoderConfig:
                        f"num_attention_heads {self.num_attention_heads}.")
     if self.num_labels < 1:
       raise ValueError(f"num_labels must be >= 1 (1 = regression), got {self.num_labels}.")
+    for name, choices in SPEED_PATH_CHOICES.items():
+      if getattr(self, name) not in choices:
+        raise ValueError(f"{name} must be one of {list(choices)}, got {getattr(self, name)!r}.")
+
+  def resolved_speed_paths(self, backend: str | None = None) -> dict[str, str]:
+    """``{"dropout_impl": ..., "dense_backward": ...}`` with ``"auto"`` resolved for
+    ``backend`` (default: ``jax.default_backend()``): the CPU's speed paths (hash dropout,
+    the transposed-copy backward) on ``"cpu"``, stock Flax/JAX (``nn.Dropout``, JAX's own
+    derivative) on GPU, TPU and any other backend, where nobody measured ours."""
+    cpu = (backend or jax.default_backend()) == "cpu"
+    defaults = {"dropout_impl": "hash" if cpu else "flax",
+                "dense_backward": "transposed_copy" if cpu else "jax"}
+    return {name: defaults[name] if getattr(self, name) == "auto" else getattr(self, name)
+            for name in SPEED_PATH_CHOICES}
 
   @classmethod
   def from_hf_dict(cls, config: dict[str, Any], **overrides) -> "EncoderConfig":
@@ -117,8 +139,15 @@ class EncoderConfig:
 
 def _dense(config: EncoderConfig, features: int, name: str) -> nn.Dense:
   # dense_dot_general: the same product, with a backward pass that runs faster on CPU (matmul.py).
+  transposed = config.resolved_speed_paths()["dense_backward"] == "transposed_copy"
   return nn.Dense(features, kernel_init=nn.initializers.normal(config.initializer_range), name=name,
-                  dot_general=dense_dot_general)
+                  dot_general=dense_dot_general if transposed else jax.lax.dot_general)
+
+
+def _dropout(config: EncoderConfig, rate: float) -> nn.Module:
+  """The configured dropout: :class:`Dropout` (hash) or ``nn.Dropout`` (same distribution,
+  another random stream)."""
+  return Dropout(rate) if config.resolved_speed_paths()["dropout_impl"] == "hash" else nn.Dropout(rate)
 
 
 def _layer_norm(config: EncoderConfig, name: str = "LayerNorm") -> nn.LayerNorm:
@@ -172,7 +201,7 @@ class Embeddings(nn.Module):
          + embed(c.max_position_embeddings, "position_embeddings")(position_ids)
          + embed(c.type_vocab_size, "token_type_embeddings")(token_type_ids))
     x = _layer_norm(c)(x)
-    return Dropout(c.hidden_dropout_prob)(x, deterministic)
+    return _dropout(c, c.hidden_dropout_prob)(x, deterministic)
 
 
 class SelfAttention(nn.Module):
@@ -190,7 +219,7 @@ class SelfAttention(nn.Module):
     v = split(_dense(c, c.hidden_size, "value")(x))
     scores = jnp.einsum("bhqd,bhkd->bhqk", q, k) / jnp.sqrt(head_dim).astype(q.dtype)
     probs = jax.nn.softmax(scores + attention_bias, axis=-1)
-    probs = Dropout(c.attention_probs_dropout_prob)(probs, deterministic)
+    probs = _dropout(c, c.attention_probs_dropout_prob)(probs, deterministic)
     context = jnp.einsum("bhqk,bhkd->bhqd", probs, v).transpose(0, 2, 1, 3)
     return context.reshape(context.shape[:2] + (c.hidden_size,))
 
@@ -203,7 +232,7 @@ class ResidualOutput(nn.Module):
   @nn.compact
   def __call__(self, x, residual, deterministic):
     c = self.config
-    x = Dropout(c.hidden_dropout_prob)(_dense(c, c.hidden_size, "dense")(x), deterministic)
+    x = _dropout(c, c.hidden_dropout_prob)(_dense(c, c.hidden_size, "dense")(x), deterministic)
     return _layer_norm(c)(x + residual)
 
 
@@ -313,7 +342,7 @@ class EncoderForSequenceClassification(nn.Module):
         input_ids, attention_mask, token_type_ids, deterministic)
     _, head = _ARCHITECTURES[c.model_type]
     if head == "pooler":
-      pooled = Dropout(c.classifier_dropout_rate)(pooled, deterministic)
+      pooled = _dropout(c, c.classifier_dropout_rate)(pooled, deterministic)
       return _dense(c, c.num_labels, "classifier")(pooled)
     return ClassificationHead(c, activation=head, name="classifier")(sequence[:, 0], deterministic)
 
@@ -340,7 +369,7 @@ class ClassificationHead(nn.Module):
   @nn.compact
   def __call__(self, x, deterministic):
     c = self.config
-    dropout = Dropout(c.classifier_dropout_rate)
+    dropout = _dropout(c, c.classifier_dropout_rate)
     activation = jnp.tanh if self.activation == "tanh" else _ACTIVATIONS[self.activation]
     x = activation(_dense(c, c.hidden_size, "dense")(dropout(x, deterministic)))
     return _dense(c, c.num_labels, "out_proj")(dropout(x, deterministic))

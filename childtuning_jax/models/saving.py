@@ -18,7 +18,7 @@ import jax
 import numpy as np
 from flax import traverse_util
 
-from childtuning_jax.models.encoder import EncoderConfig
+from childtuning_jax.models.encoder import SPEED_PATH_CHOICES, EncoderConfig
 from childtuning_jax.models.loading import _flax_path
 
 _ARCHITECTURE_NAMES = {"bert": "BertForSequenceClassification",
@@ -97,6 +97,8 @@ def hf_config(config: EncoderConfig) -> dict[str, Any]:
   """The ``config.json`` dict of ``config`` for ``transformers``' ``*ForSequenceClassification``."""
   values = dataclasses.asdict(config)
   num_labels = values.pop("num_labels")
+  for name in SPEED_PATH_CHOICES:  # how this library computes, not part of the model
+    del values[name]
   if config.model_type == "electra" and values["embedding_size"] is None:
     values["embedding_size"] = config.hidden_size
   elif values["embedding_size"] is None:
