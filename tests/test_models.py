@@ -26,6 +26,9 @@ def _torch_model(kind, num_labels, seed=0, **overrides):
   if kind == "bert":
     config = transformers.BertConfig(**TINY, num_labels=num_labels, **overrides)
     return transformers.BertForSequenceClassification(config).eval()
+  if kind == "mpnet":  # relative-position attention bias, no token types
+    config = transformers.MPNetConfig(**{**TINY, **overrides}, num_labels=num_labels)
+    return transformers.MPNetForSequenceClassification(config).eval()
   if kind == "electra":  # embeddings narrower than the hidden size, as ELECTRA-small
     config = transformers.ElectraConfig(**TINY, embedding_size=16, num_labels=num_labels,
                                         **overrides)
@@ -38,23 +41,25 @@ def _torch_model(kind, num_labels, seed=0, **overrides):
 def _padded_batch(kind):
   rng = np.random.default_rng(0)
   lengths = [12, 7, 3]
-  pad = 1 if kind == "roberta" else 0
+  pad = 1 if kind in ("roberta", "mpnet") else 0
   ids = np.full((3, 12), pad, np.int64)
   mask = np.zeros((3, 12), np.int64)
   types = np.zeros((3, 12), np.int64)
   for row, n in enumerate(lengths):
     ids[row, :n] = rng.integers(5, TINY["vocab_size"], n)
     mask[row, :n] = 1
-    if kind != "roberta":
+    if kind not in ("roberta", "mpnet"):
       types[row, n // 2:n] = 1  # a sentence pair
   return ids, mask, types
 
 
 def _compare(kind, model, params, torch_model):
   ids, mask, types = _padded_batch(kind)
+  inputs = {"input_ids": torch.tensor(ids), "attention_mask": torch.tensor(mask)}
+  if kind != "mpnet":
+    inputs["token_type_ids"] = torch.tensor(types)
   with torch.no_grad():
-    want = torch_model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
-                       token_type_ids=torch.tensor(types)).logits.numpy()
+    want = torch_model(**inputs).logits.numpy()
   got = model.apply({"params": params}, jnp.asarray(ids, jnp.int32), jnp.asarray(mask, jnp.int32),
                     jnp.asarray(types, jnp.int32), deterministic=True)
   assert got.shape == want.shape
@@ -62,7 +67,7 @@ def _compare(kind, model, params, torch_model):
   return got
 
 
-@pytest.mark.parametrize("kind", ["bert", "roberta", "electra"])
+@pytest.mark.parametrize("kind", ["bert", "roberta", "electra", "mpnet"])
 @pytest.mark.parametrize("num_labels", [3, 1])
 def test_logits_match_pytorch_transformers(tmp_path, kind, num_labels):
   torch_model = _torch_model(kind, num_labels)
@@ -244,7 +249,7 @@ def test_electra_discriminator_checkpoint_loads_the_encoder_and_reports_its_head
   assert params["electra"]["embeddings_project"]["kernel"].shape == (16, 32)
 
 
-@pytest.mark.parametrize("kind", ["bert", "roberta"])
+@pytest.mark.parametrize("kind", ["bert", "roberta", "mpnet"])
 def test_gradients_match_pytorch_transformers(tmp_path, kind, monkeypatch):
   """Every parameter's gradient against PyTorch's backward pass: the encoder's dense layers
   have a hand-written backward pass (childtuning_jax/models/matmul.py), which this tiny batch
@@ -256,7 +261,8 @@ def test_gradients_match_pytorch_transformers(tmp_path, kind, monkeypatch):
   ids, mask, types = _padded_batch(kind)
   labels = np.array([0, 2, 1])
   torch_model.zero_grad()
-  torch_model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), token_type_ids=torch.tensor(types),
+  types_in = {} if kind == "mpnet" else {"token_type_ids": torch.tensor(types)}
+  torch_model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), **types_in,
               labels=torch.tensor(labels)).loss.backward()
   want = {name: p.grad.numpy() for name, p in torch_model.named_parameters() if p.grad is not None}
 
@@ -278,7 +284,7 @@ def test_gradients_match_pytorch_transformers(tmp_path, kind, monkeypatch):
   assert compared >= 2 * 16 + 4, compared
 
 
-@pytest.mark.parametrize("kind", ["bert", "roberta", "electra"])
+@pytest.mark.parametrize("kind", ["bert", "roberta", "electra", "mpnet"])
 @pytest.mark.parametrize("num_labels", [3, 1])
 def test_save_pretrained_gives_pytorch_transformers_the_same_logits(tmp_path, kind, num_labels):
   """Trained parameters (every leaf moved from the checkpoint's) written by save_pretrained
@@ -363,3 +369,26 @@ def test_the_jax_backward_allows_forward_mode(tmp_path):
   tangent = jax.tree.map(jnp.ones_like, params)
   _, out = jax.jvp(lambda p: model.apply({"params": p}, ids, mask, types), (params,), (tangent,))
   assert out.shape == (3, 2) and np.all(np.isfinite(np.asarray(out)))
+
+
+def test_mpnet_relative_position_buckets_match_transformers():
+  from transformers.models.mpnet.modeling_mpnet import MPNetEncoder
+
+  for length in (1, 9, 64, 200, 514):
+    position = torch.arange(length)
+    want = MPNetEncoder.relative_position_bucket(position[None, :] - position[:, None])
+    np.testing.assert_array_equal(encoder_module.relative_position_buckets(length), want.numpy())
+
+
+def test_mpnet_longer_than_the_bucket_range_matches_transformers(tmp_path):
+  """Positions 130 apart (beyond max_distance 128) and the padding-offset positions."""
+  torch_model = _torch_model("mpnet", 2, max_position_embeddings=300)
+  torch_model.save_pretrained(tmp_path)
+  model, params = load_pretrained(tmp_path, 2)
+  ids = np.random.default_rng(0).integers(5, TINY["vocab_size"], (2, 260))
+  ids[1, 200:] = 1  # padding
+  mask = (ids != 1).astype(np.int64)
+  with torch.no_grad():
+    want = torch_model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
+  got = model.apply({"params": params}, jnp.asarray(ids, jnp.int32), jnp.asarray(mask, jnp.int32))
+  np.testing.assert_allclose(np.asarray(got), want, atol=1e-4, rtol=0)

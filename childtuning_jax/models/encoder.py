@@ -1,26 +1,31 @@
 """BERT-family encoders with a sequence-classification head, in Flax Linen.
 
-One module, :class:`EncoderForSequenceClassification`, covers BERT, RoBERTa and
+One module, :class:`EncoderForSequenceClassification`, covers BERT, RoBERTa,
 ELECTRA's discriminator (same encoder; embeddings of their own width projected
-to the hidden size; a two-layer GELU head). Submodules carry Hugging Face's names
+to the hidden size; a two-layer GELU head) and MPNet (no token types; one
+relative-position attention bias shared by the layers; its attention block's
+own names). Submodules carry Hugging Face's names
 (``bert/encoder/layer_3/attention/self/query``) so that checkpoints map onto
 the parameters by name (see :mod:`childtuning_jax.models.loading`), and the
 parameters stay a plain pytree for the optax transforms and the Fisher
 estimator.
 
 Outputs match ``transformers``' ``BertForSequenceClassification``,
-``RobertaForSequenceClassification`` and ``ElectraForSequenceClassification``
+``RobertaForSequenceClassification``, ``ElectraForSequenceClassification`` and
+``MPNetForSequenceClassification``
 (tested to < 1e-4 on random tiny models).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from childtuning_jax import _random
 from childtuning_jax.models.matmul import dense_dot_general
@@ -50,7 +55,11 @@ _ARCHITECTURES = {
     "bert": (True, "pooler"),
     "roberta": (False, "tanh"),
     "electra": (False, "gelu"),
+    "mpnet": (False, "tanh"),
 }
+# MPNet numbers positions from its padding index, 1, whatever the config's pad_token_id, as
+# transformers' MPNetEmbeddings does.
+MPNET_PADDING_INDEX = 1
 
 
 SPEED_PATH_CHOICES = {"dropout_impl": ("auto", "hash", "flax"),
@@ -74,6 +83,7 @@ class EncoderConfig:
   classifier_dropout: float | None = None
   max_position_embeddings: int = 512
   type_vocab_size: int = 2
+  relative_attention_num_buckets: int = 32  # MPNet
   layer_norm_eps: float = 1e-12
   pad_token_id: int = 0
   initializer_range: float = 0.02
@@ -133,7 +143,8 @@ class EncoderConfig:
   def max_tokens(self) -> int:
     """The longest input the position embeddings cover (RoBERTa's positions start after
     ``pad_token_id``)."""
-    offset = self.pad_token_id + 1 if self.model_type == "roberta" else 0
+    offset = {"roberta": self.pad_token_id + 1, "mpnet": MPNET_PADDING_INDEX + 1}.get(
+        self.model_type, 0)
     return self.max_position_embeddings - offset
 
 
@@ -198,14 +209,21 @@ class Embeddings(nn.Module):
     # perturb: a no-op unless a "perturbations" collection is passed; the Fisher estimator
     # differentiates through it to get per-example word-embedding gradients row by row.
     x = (self.perturb(WORD_ROWS, embed(c.vocab_size, "word_embeddings")(input_ids))
-         + embed(c.max_position_embeddings, "position_embeddings")(position_ids)
-         + embed(c.type_vocab_size, "token_type_embeddings")(token_type_ids))
+         + embed(c.max_position_embeddings, "position_embeddings")(position_ids))
+    if c.model_type != "mpnet":  # MPNet has no token types
+      x = x + embed(c.type_vocab_size, "token_type_embeddings")(token_type_ids)
     x = _layer_norm(c)(x)
     return _dropout(c, c.hidden_dropout_prob)(x, deterministic)
 
 
 class SelfAttention(nn.Module):
+  """Multi-head attention; ``names``: the query, key and value projections' names (BERT's;
+  MPNet's are ``q``, ``k``, ``v``); ``output``: the name of an output projection inside
+  the module (MPNet's ``o``; BERT's is in its ``output`` module)."""
+
   config: EncoderConfig
+  names: tuple[str, str, str] = ("query", "key", "value")
+  output: str | None = None
 
   @nn.compact
   def __call__(self, x, attention_bias, deterministic):
@@ -214,14 +232,13 @@ class SelfAttention(nn.Module):
     # [batch, heads, length, head_dim] before the attention matmuls: a little faster on CPU
     # than contracting in [batch, length, heads, head_dim] (BENCHMARKS.md, step variants).
     split = lambda t: t.reshape(t.shape[:-1] + (heads, head_dim)).transpose(0, 2, 1, 3)
-    q = split(_dense(c, c.hidden_size, "query")(x))
-    k = split(_dense(c, c.hidden_size, "key")(x))
-    v = split(_dense(c, c.hidden_size, "value")(x))
+    q, k, v = (split(_dense(c, c.hidden_size, name)(x)) for name in self.names)
     scores = jnp.einsum("bhqd,bhkd->bhqk", q, k) / jnp.sqrt(head_dim).astype(q.dtype)
     probs = jax.nn.softmax(scores + attention_bias, axis=-1)
     probs = _dropout(c, c.attention_probs_dropout_prob)(probs, deterministic)
     context = jnp.einsum("bhqk,bhkd->bhqd", probs, v).transpose(0, 2, 1, 3)
-    return context.reshape(context.shape[:2] + (c.hidden_size,))
+    context = context.reshape(context.shape[:2] + (c.hidden_size,))
+    return _dense(c, c.hidden_size, self.output)(context) if self.output else context
 
 
 class ResidualOutput(nn.Module):
@@ -245,6 +262,38 @@ class Attention(nn.Module):
     return ResidualOutput(self.config, name="output")(h, x, deterministic)
 
 
+class MPNetAttention(nn.Module):
+  """MPNet's attention block: ``attn`` (q, k, v and the output projection o), then dropout,
+  the residual and a LayerNorm (transformers' MPNetAttention)."""
+
+  config: EncoderConfig
+
+  @nn.compact
+  def __call__(self, x, attention_bias, deterministic):
+    c = self.config
+    h = SelfAttention(c, names=("q", "k", "v"), output="o", name="attn")(x, attention_bias,
+                                                                         deterministic)
+    return _layer_norm(c)(_dropout(c, c.hidden_dropout_prob)(h, deterministic) + x)
+
+
+def relative_position_buckets(length: int, num_buckets: int = 32,
+                              max_distance: int = 128) -> np.ndarray:
+  """MPNet's (T5's bidirectional) bucket of each ``[query, key]`` relative position, in
+  float32 as transformers computes it, so that the buckets agree exactly."""
+  position = np.arange(length)
+  n = -(position[None, :] - position[:, None])
+  half = num_buckets // 2
+  buckets = (n < 0).astype(np.int64) * half
+  n = np.abs(n)
+  max_exact = half // 2
+  with np.errstate(divide="ignore", invalid="ignore"):
+    large = max_exact + (np.log(n.astype(np.float32) / np.float32(max_exact))
+                         / np.float32(math.log(max_distance / max_exact))
+                         * np.float32(half - max_exact)).astype(np.int64)
+  large = np.minimum(large, half - 1)
+  return (buckets + np.where(n < max_exact, n, large)).astype(np.int32)
+
+
 class Intermediate(nn.Module):
   config: EncoderConfig
 
@@ -259,7 +308,8 @@ class Layer(nn.Module):
 
   @nn.compact
   def __call__(self, x, attention_bias, deterministic):
-    x = Attention(self.config, name="attention")(x, attention_bias, deterministic)
+    attention = MPNetAttention if self.config.model_type == "mpnet" else Attention
+    x = attention(self.config, name="attention")(x, attention_bias, deterministic)
     h = Intermediate(self.config, name="intermediate")(x)
     return ResidualOutput(self.config, name="output")(h, x, deterministic)
 
@@ -269,6 +319,13 @@ class Encoder(nn.Module):
 
   @nn.compact
   def __call__(self, x, attention_bias, deterministic):
+    c = self.config
+    if c.model_type == "mpnet":  # one relative-position bias, shared by every layer
+      table = nn.Embed(c.relative_attention_num_buckets, c.num_attention_heads,
+                       embedding_init=nn.initializers.normal(c.initializer_range),
+                       name="relative_attention_bias")
+      bias = table(jnp.asarray(relative_position_buckets(x.shape[1])))  # [query, key, heads]
+      attention_bias = attention_bias + bias.transpose(2, 0, 1)[None].astype(x.dtype)
     for i in range(self.config.num_hidden_layers):
       x = Layer(self.config, name=f"layer_{i}")(x, attention_bias, deterministic)
     return x
@@ -290,10 +347,11 @@ class EncoderModel(nn.Module):
   @nn.compact
   def __call__(self, input_ids, attention_mask, token_type_ids, deterministic):
     c = self.config
-    if c.model_type == "roberta":
+    if c.model_type in ("roberta", "mpnet"):
       # RoBERTa numbers real tokens from pad_token_id + 1 and gives padding pad_token_id.
-      not_pad = (input_ids != c.pad_token_id).astype(jnp.int32)
-      position_ids = jnp.cumsum(not_pad, axis=1) * not_pad + c.pad_token_id
+      pad = MPNET_PADDING_INDEX if c.model_type == "mpnet" else c.pad_token_id
+      not_pad = (input_ids != pad).astype(jnp.int32)
+      position_ids = jnp.cumsum(not_pad, axis=1) * not_pad + pad
     else:
       position_ids = jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
     x = Embeddings(c, name="embeddings")(input_ids, token_type_ids, position_ids, deterministic)

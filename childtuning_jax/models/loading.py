@@ -1,4 +1,5 @@
-"""Loading Hugging Face BERT/RoBERTa checkpoints into :class:`EncoderForSequenceClassification`.
+"""Loading Hugging Face BERT, RoBERTa, ELECTRA and MPNet checkpoints into
+:class:`EncoderForSequenceClassification`.
 
 A checkpoint is a directory with ``config.json`` and ``model.safetensors``
 (or a sharded ``model.safetensors.index.json``, or ``pytorch_model.bin`` when

@@ -23,7 +23,8 @@ from childtuning_jax.models.loading import _flax_path
 
 _ARCHITECTURE_NAMES = {"bert": "BertForSequenceClassification",
                        "roberta": "RobertaForSequenceClassification",
-                       "electra": "ElectraForSequenceClassification"}
+                       "electra": "ElectraForSequenceClassification",
+                       "mpnet": "MPNetForSequenceClassification"}
 
 
 def save_pretrained(directory: str | os.PathLike, model: Any, params: Any) -> Path:
