@@ -6,7 +6,7 @@ Peak memory is the peak resident set size (VmHWM) of a separate process
 that runs only that workload. Writes bench/results/core_<backend>.json and the
 matching section of BENCHMARKS.md.
 
-Run: python bench/bench_core.py            (about half an hour on 2 CPU cores)
+Run: python bench/bench_core.py            (BENCHMARKS.md records how long the last run took)
      python bench/bench_core.py --quick    (fewer repetitions, no BENCHMARKS.md update)
      python bench/bench_core.py --only fisher,peak_memory_mib   (rerun sections into the last
                                                                   full run's results)

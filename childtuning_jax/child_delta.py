@@ -4,7 +4,7 @@ CT-D trains only the child network, so a fine-tuned model is the pretrained one 
 the child entries that moved. :func:`save_child_delta` writes those entries (their
 positions and values); :func:`apply_child_delta` puts them back into the pretrained
 parameters, bit for bit. At p=0.1 the file holds about a tenth of the entries, each
-as its value and a 4-byte position: about 0.2x a full parameter file.
+as its value and a 4-byte position: about 2p times a float32 parameter file.
 
 The file is an ``.npz``; per leaf ``<name>/positions`` (flat positions, ascending) and
 ``<name>/values`` (the values' bits), with a JSON record of every leaf's shape, dtype
@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from childtuning_jax import _trees
+from childtuning_jax import _files, _trees
 
 FORMAT = "childtuning_jax.child_delta/1"
 
@@ -95,10 +95,11 @@ def save_child_delta(path: str | os.PathLike, params: Any, pretrained: Any, mask
   arrays["__record__"] = np.frombuffer(json.dumps({"format": FORMAT, "leaves": leaves}).encode(),
                                        np.uint8)
   path = Path(path)
-  partial = path.with_name(path.name + ".partial")
-  with open(partial, "wb") as file:
-    np.savez(file, **arrays)
-  os.replace(partial, path)
+
+  def write(partial: Path) -> None:
+    with open(partial, "wb") as file:
+      np.savez(file, **arrays)
+  _files.write_atomically(path, write)
   return {"entries": entries, "parameters": total, "bytes": path.stat().st_size}
 
 

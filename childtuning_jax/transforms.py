@@ -195,21 +195,16 @@ def child_tuning_driven(mask: Any, inner: optax.GradientTransformation | None = 
     Xu et al., "Raise a Child in Large Language Model: Towards Effective and
     Generalizable Fine-tuning", EMNLP 2021, §2.3 and Algorithm 1.
   """
-  if not callable(mask):
-    _trees.check_bool_leaves(mask, "mask")
+  _check_mask(mask)
   wrapped = None if inner is None else optax.with_extra_args_support(inner)
 
   def init_fn(params):
     if _trees.is_params_placeholder(params):  # tree_map_params: the mask is shaped as params
       return ChildTuningDrivenState(mask=params,
                                     inner_state=None if wrapped is None else wrapped.init(params))
-    given = mask(params) if callable(mask) else mask
-    if callable(mask):
-      _trees.check_bool_leaves(given, "mask(params)")
     # jnp.array copies: a jitted step that donates its state must not find the buffers of a
     # mask the caller still holds.
-    aligned = jax.tree.map(lambda m: jnp.array(m, bool),
-                           _trees.like(given, params, "mask", "params"))
+    aligned = jax.tree.map(lambda m: jnp.array(m, bool), _mask_for(mask, params))
     return ChildTuningDrivenState(mask=aligned,
                                   inner_state=None if wrapped is None else wrapped.init(params))
 
@@ -277,8 +272,9 @@ def child_tuning_adamw(
     sparse_state: driven mode only. Keep Adam's moments for the child's
       entries alone (a vector per leaf, with the entries' positions), not
       for every parameter: optimizer state memory in proportion to the
-      child's size (at p=0.1 about 0.3x the parameters' bytes, against 2x
-      for dense moments). The updates equal the dense ones to float
+      child's size (an int32 position and two float32 moments, 12 bytes, per
+      child entry; the dense state holds 8 bytes of moments and a mask byte
+      per parameter; BENCHMARKS.md measures both). The updates equal the dense ones to float
       rounding; the frozen entries' updates are exactly zero. The mask's
       values must be known when the state is built (not traced).
 
@@ -338,8 +334,7 @@ def _sparse_driven_adamw(mask: Any, adam: optax.GradientTransformation, weight_d
 
   Elementwise, the same arithmetic as the dense driven AdamW, whose frozen entries have
   zero gradients, zero moments and a zero update."""
-  if not callable(mask):
-    _trees.check_bool_leaves(mask, "mask")
+  _check_mask(mask)
   decays = not (isinstance(weight_decay, (int, float)) and weight_decay == 0)
 
   def init_fn(params):
@@ -347,10 +342,7 @@ def _sparse_driven_adamw(mask: Any, adam: optax.GradientTransformation, weight_d
     if placeholder and callable(mask):
       raise ValueError("sparse_state=True with a callable mask: tree_map_params cannot tell "
                        "the state's leaves without the parameters; pass the mask as arrays.")
-    given = mask(params) if callable(mask) else mask
-    if callable(mask):
-      _trees.check_bool_leaves(given, "mask(params)")
-    aligned = given if placeholder else _trees.like(given, params, "mask", "params")
+    aligned = mask if placeholder else _mask_for(mask, params)
 
     def positions(name, leaf):
       try:
@@ -367,9 +359,8 @@ def _sparse_driven_adamw(mask: Any, adam: optax.GradientTransformation, weight_d
         flat = np.array([np.size(leaf)])
       return jnp.asarray(flat, jnp.int32)
 
-    names = [name for name, _ in _trees.named_leaves(aligned)]
-    indices = jax.tree.unflatten(jax.tree.structure(aligned), [
-        positions(name, leaf) for name, leaf in zip(names, jax.tree.leaves(aligned))])
+    indices = jax.tree_util.tree_map_with_path(
+        lambda path, leaf: positions(_trees.path_name(path), leaf), aligned)
     child = (jax.tree.map(lambda where: jnp.zeros(where.shape), indices) if placeholder
              else _gather(params, indices))
     return ChildTuningSparseState(indices=indices,
@@ -395,6 +386,21 @@ def _sparse_driven_adamw(mask: Any, adam: optax.GradientTransformation, weight_d
                                          inner_state=(adam_state, rate_state))
 
   return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _check_mask(mask: Any) -> None:
+  """A mask given as a tree is checked at construction; a callable's result at ``init``."""
+  if not callable(mask):
+    _trees.check_bool_leaves(mask, "mask")
+
+
+def _mask_for(mask: Any, params: Any) -> Any:
+  """The mask (a tree, or a callable of the params) in the params' structure, Python-bool
+  leaves expanded; a mask that does not fit is refused naming the leaves."""
+  if callable(mask):
+    mask = mask(params)
+    _trees.check_bool_leaves(mask, "mask(params)")
+  return _trees.like(mask, params, "mask", "params")
 
 
 def _gather(tree: Any, indices: Any) -> Any:

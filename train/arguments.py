@@ -73,7 +73,9 @@ class ModelArguments:
 
   def speed_paths(self) -> dict[str, str]:
     """The model config's settings of the CPU speed paths."""
-    return {"dropout_impl": self.dropout_impl, "dense_backward": self.dense_backward}
+    from childtuning_jax.models.encoder import SPEED_PATH_CHOICES  # jax and flax: not at --help
+
+    return {name: getattr(self, name) for name in SPEED_PATH_CHOICES}
 
 
 @dataclasses.dataclass
@@ -141,8 +143,8 @@ class TrainingArguments:
       "paper's Table 5).", choices=("fisher", "random", "lowest_fisher"))
   sparse_optimizer_state: bool = _field(
       False, "CT-D (and --top_k_layers): keep AdamW's moments for the child network's entries "
-      "only, with their positions: optimizer state in proportion to p (about 0.3x the "
-      "parameters' bytes at p=0.1, against 2x dense). Same updates to float rounding.")
+      "only, with their positions: optimizer state in proportion to p (12 bytes per child "
+      "entry, against 9 bytes per parameter dense). Same updates to float rounding.")
   prune_at_eval: bool = _field(
       False, "CT-D: also evaluate the validation set with every weight outside the child network "
       "set to zero, reported as eval_pruned_<metric> (the 'Prune' ablation of the paper's Table 5).")

