@@ -52,13 +52,12 @@ def threefry2x32(k1: jax.Array, k2: jax.Array, x1: jax.Array, x2: jax.Array) -> 
   return x1, x2
 
 
-def random_uint32(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-  """Uniform 32-bit integers of ``shape``: Threefry-2x32 of each entry's position.
+def _hash_positions(k1: jax.Array, k2: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+  """Threefry-2x32 under key words ``(k1, k2)`` of each entry's position in ``shape``.
 
   The first counter word numbers the entries; past 2**32 entries it numbers them
   within the leading axis and the second word holds the leading index.
   """
-  k1, k2 = jax.random.bits(key, (2,), jnp.uint32)
   if np.prod(shape, dtype=np.int64) <= RANDOM_LEVELS:
     counter, high = linear_index(shape), jnp.zeros(shape, jnp.uint32)
   elif len(shape) > 1 and np.prod(shape[1:], dtype=np.int64) <= RANDOM_LEVELS:
@@ -70,12 +69,28 @@ def random_uint32(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
   return bits
 
 
+def random_uint32(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+  """Uniform 32-bit integers of ``shape``: Threefry-2x32 of each entry's position, under
+  two words drawn from ``key``."""
+  k1, k2 = jax.random.bits(key, (2,), jnp.uint32)
+  return _hash_positions(k1, k2, shape)
+
+
 def keep_threshold(p: float, what: str) -> int:
   """The uint32 threshold below which an entry is kept with probability ``p`` in (0, 1]."""
   threshold = min(round(p * RANDOM_LEVELS), RANDOM_LEVELS - 1)
   if threshold == 0:
     raise ValueError(f"{what}={p} is below the mask's resolution of 2**-32.")
   return threshold
+
+
+def _threshold(p: float | jax.Array, what: str) -> jax.Array:
+  """``keep_threshold`` as a uint32 scalar; for a scalar array ``p``, computed on device."""
+  if isinstance(p, (jax.Array, np.ndarray)):
+    scaled = jnp.round(jnp.asarray(p, jnp.float32) * float(RANDOM_LEVELS))  # exact: a power of two
+    return jnp.where(scaled >= float(RANDOM_LEVELS), jnp.uint32(RANDOM_LEVELS - 1),
+                     scaled.astype(jnp.uint32))
+  return jnp.uint32(keep_threshold(p, what))
 
 
 def bernoulli(key: jax.Array, p: float | jax.Array, shape: tuple[int, ...],
@@ -86,10 +101,35 @@ def bernoulli(key: jax.Array, p: float | jax.Array, shape: tuple[int, ...],
   steps): its threshold is then ``round(p * 2**32)`` of its float32 value, the same
   decisions as the Python float nearest to that value.
   """
-  if isinstance(p, (jax.Array, np.ndarray)):
-    scaled = jnp.round(jnp.asarray(p, jnp.float32) * float(RANDOM_LEVELS))  # exact: a power of two
-    threshold = jnp.where(scaled >= float(RANDOM_LEVELS), jnp.uint32(RANDOM_LEVELS - 1),
-                          scaled.astype(jnp.uint32))
-  else:
-    threshold = jnp.uint32(keep_threshold(p, what))
-  return random_uint32(key, shape) < threshold
+  return random_uint32(key, shape) < _threshold(p, what)
+
+
+def bernoulli_per_shape(key: jax.Array, p: float | jax.Array, shapes: list[tuple[int, ...]],
+                        what: str = "p") -> list[jax.Array]:
+  """``[bernoulli(k, p, shape) for k, shape in zip(jax.random.split(key, n), shapes)]``,
+  the same decisions, with one hash per distinct shape in the program.
+
+  Written out per array, the 20-round hash is fused into every loop that reads the
+  decisions (an optimizer's several updates of each leaf), and a BERT's hundreds of
+  leaves then multiply the program XLA compiles several times over (BENCHMARKS.md,
+  compile times). Here the arrays of one shape are drawn in one loop (``lax.map`` over
+  their keys), whose decisions are written to memory, one byte per entry; an array
+  whose shape no other has is drawn alone, fused into its consumers as before.
+  """
+  words = jax.vmap(lambda k: jax.random.bits(k, (2,), jnp.uint32))(
+      jax.random.split(key, len(shapes)))
+  threshold = _threshold(p, what)
+  groups: dict[tuple[int, ...], list[int]] = {}
+  for i, shape in enumerate(shapes):
+    groups.setdefault(tuple(shape), []).append(i)
+  keeps: list[jax.Array] = [None] * len(shapes)  # type: ignore[list-item]
+  for shape, members in groups.items():
+    if len(members) == 1:
+      i, = members
+      keeps[i] = _hash_positions(words[i, 0], words[i, 1], shape) < threshold
+      continue
+    drawn = lax.map(lambda w, shape=shape: _hash_positions(w[0], w[1], shape) < threshold,
+                    words[np.asarray(members)])
+    for row, i in enumerate(members):
+      keeps[i] = drawn[row]
+  return keeps

@@ -125,15 +125,15 @@ def child_tuning_free(reserve_p: float | jax.Array,
     if static_p and reserve_p == 1.0:
       return updates, ChildTuningFreeState(rng_key=next_key)
 
-    def mask_leaf(leaf_key, update):
-      # Eq. 4-5: M ~ Bernoulli(p), g <- g * M / p.
-      keep = _random.bernoulli(leaf_key, reserve_p, update.shape, "reserve_p")
-      scale = (1.0 / reserve_p if static_p else 1.0 / reserve_p.astype(jnp.float32))
-      scale = jnp.asarray(scale, update.dtype)
-      return jnp.where(keep, update * scale, jnp.zeros((), update.dtype))
-
-    leaf_keys = optax.tree_utils.tree_split_key_like(mask_key, updates)
-    updates = jax.tree.map(mask_leaf, leaf_keys, updates)
+    # Eq. 4-5: M ~ Bernoulli(p), g <- g * M / p, each leaf under its own key split from
+    # mask_key (optax.tree_utils.tree_split_key_like's keys).
+    leaves, treedef = jax.tree.flatten(updates)
+    keeps = _random.bernoulli_per_shape(mask_key, reserve_p, [jnp.shape(u) for u in leaves],
+                                        "reserve_p")
+    scale = 1.0 / reserve_p if static_p else 1.0 / reserve_p.astype(jnp.float32)
+    updates = jax.tree.unflatten(treedef, [
+        jnp.where(keep, u * jnp.asarray(scale, u.dtype), jnp.zeros((), u.dtype))
+        for keep, u in zip(keeps, leaves)])
     return updates, ChildTuningFreeState(rng_key=next_key)
 
   return optax.GradientTransformation(init_fn, update_fn)

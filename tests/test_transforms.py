@@ -194,9 +194,13 @@ def test_free_pmap_replicas_identical_and_equal_to_single_device(key):
 @pytest.mark.parametrize("key", [4, jax.random.key(4)], ids=["int", "typed"])
 def test_free_sharded_params_no_gather_and_same_masks(key):
   mesh = jax.sharding.Mesh(np.array(jax.devices()).reshape(4, 2), ("data", "model"))
-  grads = {"kernel": jnp.asarray(np.random.default_rng(0).normal(size=(64, 128)), jnp.float32),
-           "bias": jnp.ones((128,)), "odd": jnp.ones((8, 6))}
-  specs = {"kernel": P("data", "model"), "bias": P("model"), "odd": P("data", None)}
+  # Two kernels and two biases of one shape: drawn in one loop each (bernoulli_per_shape).
+  rng = np.random.default_rng(0)
+  grads = {"kernel": jnp.asarray(rng.normal(size=(64, 128)), jnp.float32),
+           "kernel2": jnp.asarray(rng.normal(size=(64, 128)), jnp.float32),
+           "bias": jnp.ones((128,)), "bias2": jnp.ones((128,)), "odd": jnp.ones((8, 6))}
+  specs = {"kernel": P("data", "model"), "kernel2": P("data", "model"), "bias": P("model"),
+           "bias2": P("model"), "odd": P("data", None)}
   sharded = jax.tree.map(lambda x, s: jax.device_put(x, NamedSharding(mesh, s)), grads, specs)
   tx = child_tuning_free(0.3, key)
   state = tx.init(grads)
@@ -209,6 +213,29 @@ def test_free_sharded_params_no_gather_and_same_masks(key):
   for name in grads:
     assert got[name].sharding.is_equivalent_to(sharded[name].sharding, grads[name].ndim)
     np.testing.assert_array_equal(got[name], want[name])
+
+
+@pytest.mark.parametrize("reserve_p", [0.3, np.float32(0.3)], ids=["float", "array"])
+def test_free_masks_are_one_bernoulli_per_leaf_under_tree_split_keys(reserve_p):
+  """Leaves sharing a shape are drawn in one loop; each mask must still be
+  _random.bernoulli under that leaf's key from optax.tree_utils.tree_split_key_like."""
+  from childtuning_jax import _random
+  rng = np.random.default_rng(3)
+  shapes = {"a": (16, 24), "b": (16, 24), "c": (24,), "d": (24,), "e": (24,), "f": (5, 3),
+            "g": (), "h": (7,), "i": (6, 2)}
+  grads = {name: jnp.asarray(rng.normal(size=shape) + 3.0, jnp.float32)
+           for name, shape in shapes.items()}
+  p = jnp.asarray(reserve_p) if isinstance(reserve_p, np.ndarray) else reserve_p
+  tx = child_tuning_free(p, key=7)
+  state = tx.init(grads)
+  updates, _ = jax.jit(tx.update)(grads, state)
+  _, mask_key = jax.random.split(state.rng_key)
+  keys = optax.tree_utils.tree_split_key_like(mask_key, grads)
+  for name, grad in grads.items():
+    keep = np.asarray(_random.bernoulli(keys[name], 0.3, grad.shape))
+    np.testing.assert_array_equal(np.asarray(updates[name]) != 0, keep, err_msg=name)
+    np.testing.assert_allclose(np.asarray(updates[name])[keep], np.asarray(grad)[keep] / 0.3,
+                               rtol=1e-6)
 
 
 @pytest.mark.parametrize("bad", [0.0, -0.1, 1.5, float("nan"), 1e-11])
