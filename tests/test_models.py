@@ -392,3 +392,60 @@ def test_mpnet_longer_than_the_bucket_range_matches_transformers(tmp_path):
     want = torch_model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
   got = model.apply({"params": params}, jnp.asarray(ids, jnp.int32), jnp.asarray(mask, jnp.int32))
   np.testing.assert_allclose(np.asarray(got), want, atol=1e-4, rtol=0)
+
+
+def _equations(jaxpr):
+  """Every equation of a jaxpr and of the jaxprs inside its equations (custom_vjp, pjit...)."""
+  for eqn in jaxpr.eqns:
+    yield eqn
+    for value in eqn.params.values():
+      for inner in (value if isinstance(value, (tuple, list)) else (value,)):
+        inner = getattr(inner, "jaxpr", inner)
+        if hasattr(inner, "eqns"):
+          yield from _equations(inner)
+
+
+@pytest.mark.parametrize("kind", ["bert", "mpnet"])
+@pytest.mark.parametrize("backward", ["transposed_copy", "jax"])
+def test_bfloat16_multiplies_in_bfloat16_and_keeps_float32_where_it_matters(tmp_path, kind,
+                                                                           backward):
+  """dtype="bfloat16": every matmul of the forward and backward pass takes bfloat16
+  operands; the softmaxes' exp and the forward pass's reductions (LayerNorm, softmax, loss) run
+  in float32; the
+  parameters and their gradients are float32; the logits stay near float32's."""
+  _torch_model(kind, 3).save_pretrained(tmp_path)
+  ids, mask, types = (jnp.asarray(a, jnp.int32) for a in _padded_batch(kind))
+  labels = jnp.array([0, 2, 1])
+  _, params = load_pretrained(tmp_path, 3)
+  model, params16 = load_pretrained(tmp_path, 3, dtype="bfloat16", dense_backward=backward)
+  assert {leaf.dtype for leaf in jax.tree.leaves(params16)} == {jnp.dtype(jnp.float32)}
+
+  def loss(model, params):
+    logits = model.apply({"params": params}, ids, mask, types, deterministic=False,
+                         rngs={"dropout": jax.random.key(0)})
+    assert logits.dtype == jnp.float32
+    return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(3), labels])
+  jaxpr = jax.make_jaxpr(jax.grad(lambda p: loss(model, p)))(params).jaxpr
+  dtypes = lambda eqn: {str(v.aval.dtype) for v in eqn.invars if hasattr(v.aval, "dtype")}
+  equations = list(_equations(jaxpr))
+  dots = [dtypes(e) for e in equations if e.primitive.name == "dot_general"]
+  assert len(dots) >= 3 * 6 * TINY["num_hidden_layers"]  # forward and two products backward
+  assert all(d == {"bfloat16"} for d in dots), dots
+  exps = [dtypes(e) for e in equations if e.primitive.name == "exp"]
+  # The forward pass's reductions (the backward's sum bias gradients in bfloat16, as Flax does).
+  forward = _equations(jax.make_jaxpr(lambda p: loss(model, p))(params).jaxpr)
+  sums = [dtypes(e) for e in forward if e.primitive.name in ("reduce_sum", "reduce_max")]
+  # One float32 exp per layer's softmax and one for the loss; GELU's backward (erf's
+  # derivative) may exponentiate in bfloat16.
+  assert sum(d == {"float32"} for d in exps) >= TINY["num_hidden_layers"] + 1
+  assert sums and all(d == {"float32"} for d in sums)
+  grads = jax.grad(lambda p: loss(model, p))(params)
+  assert {leaf.dtype for leaf in jax.tree.leaves(grads)} == {jnp.dtype(jnp.float32)}
+  model32, _ = load_pretrained(tmp_path, 3)
+  got = model.apply({"params": params}, ids, mask, types)
+  want = model32.apply({"params": params}, ids, mask, types)
+  scale = float(jnp.abs(want).max())
+  assert float(jnp.abs(got - want).max()) < 0.03 * scale  # bfloat16 keeps 8 bits of mantissa
+  assert float(jnp.abs(got - want).max()) > 0  # and it is not float32
+  with pytest.raises(ValueError, match="dtype must be one of"):
+    EncoderConfig(dtype="float16")

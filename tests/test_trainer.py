@@ -357,3 +357,24 @@ def test_sparse_optimizer_state_trains_as_dense_and_the_child_delta_rebuilds_the
   with pytest.raises(ValueError, match="--sparse_optimizer_state keeps the moments of a fixed"):
     arguments.parse(["--output_dir", "-", "--mode", "ChildTuning-F", "--sparse_optimizer_state"],
                     exit_on_error=False)
+
+
+def test_bf16_trains_near_float32_and_keeps_ct_d_frozen_weights_bit_identical(tiny, tmp_path):
+  common = ("--mode", "ChildTuning-D", "--reserve_p", "0.3", "--fisher_num_examples", "32",
+            "--max_steps", "8", "--learning_rate", "1e-3", "--weight_decay", "0.01")
+  full = run(tiny, tmp_path / "fp32", *common)
+  half = run(tiny, tmp_path / "bf16", *common, "--bf16")
+  assert read_json(tmp_path / "bf16" / "run_args.json")["bf16"] is True
+  assert half["eval_loss"] == pytest.approx(full["eval_loss"], rel=0.05)
+  assert half["eval_loss"] != full["eval_loss"]  # it did compute in bfloat16
+  params = checkpoints.latest_params(tmp_path / "bf16" / "checkpoints")
+  mask = ct.load_mask(tmp_path / "bf16" / "mask.npz", params)
+  _, pretrained = ct.models.load_pretrained(tiny["model"], 2, seed=42)
+  changed = 0
+  for keep, got, was in zip(jax.tree.leaves(mask), jax.tree.leaves(params),
+                            jax.tree.leaves(pretrained), strict=True):
+    keep, got, was = np.asarray(keep), np.asarray(got), np.asarray(was)
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got.view(np.uint32)[~keep], was.view(np.uint32)[~keep])
+    changed += int(np.sum(got[keep] != was[keep]))
+  assert changed > 0

@@ -67,15 +67,21 @@ class ModelArguments:
       "matmul kernels; no forward-mode jax.jvp) or 'jax' (JAX's own derivative). The same "
       "gradients. 'auto': transposed_copy on the CPU backend, jax on GPU/TPU.",
       choices=("auto", "transposed_copy", "jax"))
+  bf16: bool = _field(
+      False, "Mixed precision: matmuls, activations and the residual stream in bfloat16; the "
+      "parameters, gradients, optimizer state (so CT-D's frozen weights stay bit-identical), "
+      "LayerNorm statistics, attention softmax and loss in float32 (EncoderConfig dtype). "
+      "Fast on GPUs/TPUs and on CPUs with AVX-512 BF16 (BENCHMARKS.md).")
 
   def __post_init__(self):
     check_ranges(self)
 
-  def speed_paths(self) -> dict[str, str]:
-    """The model config's settings of the CPU speed paths."""
+  def config_overrides(self) -> dict[str, str]:
+    """The model config's fields these flags set: the CPU speed paths and the dtype."""
     from childtuning_jax.models.encoder import SPEED_PATH_CHOICES  # jax and flax: not at --help
 
-    return {name: getattr(self, name) for name in SPEED_PATH_CHOICES}
+    return {**{name: getattr(self, name) for name in SPEED_PATH_CHOICES},
+            "dtype": "bfloat16" if self.bf16 else "float32"}
 
 
 @dataclasses.dataclass

@@ -626,9 +626,10 @@ def load_data_and_model(model_args: ModelArguments, data_args: DataArguments,
       datasets, tokenizer, max_seq_length, vocab_size=config.vocab_size,
       type_vocab_size=config.type_vocab_size)
   model, params, loading = load_pretrained(model_path, datasets.num_labels, seed=args.seed,
-                                           output_loading_info=True, **model_args.speed_paths())
-  logger.info("model: %s, %s", model_path, ", ".join(
-      f"{name} {value}" for name, value in model.config.resolved_speed_paths().items()))
+                                           output_loading_info=True, **model_args.config_overrides())
+  logger.info("model: %s, %s, computing in %s", model_path, ", ".join(
+      f"{name} {value}" for name, value in model.config.resolved_speed_paths().items()),
+      model.config.dtype)
   if args.mode == "ChildTuning-D":
     always_trainable(args.always_trainable, params)  # a bad pattern fails now, not after the Fisher pass
   not_pretrained = set(loading["missing_keys"])  # incl. a head re-initialised for its shape

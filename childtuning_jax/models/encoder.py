@@ -64,6 +64,7 @@ MPNET_PADDING_INDEX = 1
 
 SPEED_PATH_CHOICES = {"dropout_impl": ("auto", "hash", "flax"),
                       "dense_backward": ("auto", "transposed_copy", "jax")}
+DTYPE_CHOICES = ("float32", "bfloat16")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,6 +93,10 @@ class EncoderConfig:
   # "cpu" backend, stock Flax/JAX on every other (see resolved_speed_paths).
   dropout_impl: str = "auto"  # "hash": Dropout below; "flax": nn.Dropout
   dense_backward: str = "auto"  # "transposed_copy": models.matmul; "jax": JAX's own VJP
+  # The computation's dtype. "bfloat16": matmuls, activations and the residual stream in
+  # bfloat16; parameters (so gradients and optimizer state) stay float32, and LayerNorm
+  # statistics, the attention softmax and the logits (so the loss) are float32.
+  dtype: str = "float32"
 
   def __post_init__(self):
     if self.model_type not in _ARCHITECTURES:
@@ -105,6 +110,8 @@ class EncoderConfig:
                        f"num_attention_heads {self.num_attention_heads}.")
     if self.num_labels < 1:
       raise ValueError(f"num_labels must be >= 1 (1 = regression), got {self.num_labels}.")
+    if self.dtype not in DTYPE_CHOICES:
+      raise ValueError(f"dtype must be one of {list(DTYPE_CHOICES)}, got {self.dtype!r}.")
     for name, choices in SPEED_PATH_CHOICES.items():
       if getattr(self, name) not in choices:
         raise ValueError(f"{name} must be one of {list(choices)}, got {getattr(self, name)!r}.")
@@ -131,6 +138,11 @@ class EncoderConfig:
     return cls(**values)
 
   @property
+  def compute_dtype(self) -> Any:
+    """``dtype`` as a JAX dtype."""
+    return jnp.dtype(self.dtype)
+
+  @property
   def classifier_dropout_rate(self) -> float:
     return self.hidden_dropout_prob if self.classifier_dropout is None else self.classifier_dropout
 
@@ -152,7 +164,8 @@ def _dense(config: EncoderConfig, features: int, name: str) -> nn.Dense:
   # dense_dot_general: the same product, with a backward pass that runs faster on CPU (matmul.py).
   transposed = config.resolved_speed_paths()["dense_backward"] == "transposed_copy"
   return nn.Dense(features, kernel_init=nn.initializers.normal(config.initializer_range), name=name,
-                  dot_general=dense_dot_general if transposed else jax.lax.dot_general)
+                  dot_general=dense_dot_general if transposed else jax.lax.dot_general,
+                  dtype=config.compute_dtype)
 
 
 def _dropout(config: EncoderConfig, rate: float) -> nn.Module:
@@ -162,7 +175,8 @@ def _dropout(config: EncoderConfig, rate: float) -> nn.Module:
 
 
 def _layer_norm(config: EncoderConfig, name: str = "LayerNorm") -> nn.LayerNorm:
-  return nn.LayerNorm(epsilon=config.layer_norm_eps, name=name)
+  # Flax computes the statistics in float32 whatever dtype is (force_float32_reductions).
+  return nn.LayerNorm(epsilon=config.layer_norm_eps, name=name, dtype=config.compute_dtype)
 
 
 class Dropout(nn.Module):
@@ -204,6 +218,8 @@ class Embeddings(nn.Module):
   @nn.compact
   def __call__(self, input_ids, token_type_ids, position_ids, deterministic):
     c = self.config
+    # Looked up and summed in float32 (the Fisher pass's row offsets too); the LayerNorm's
+    # output is in the model's dtype.
     embed = lambda size, name: nn.Embed(
         size, c.embedding_size or c.hidden_size, embedding_init=nn.initializers.normal(c.initializer_range), name=name)
     # perturb: a no-op unless a "perturbations" collection is passed; the Fisher estimator
@@ -234,7 +250,8 @@ class SelfAttention(nn.Module):
     split = lambda t: t.reshape(t.shape[:-1] + (heads, head_dim)).transpose(0, 2, 1, 3)
     q, k, v = (split(_dense(c, c.hidden_size, name)(x)) for name in self.names)
     scores = jnp.einsum("bhqd,bhkd->bhqk", q, k) / jnp.sqrt(head_dim).astype(q.dtype)
-    probs = jax.nn.softmax(scores + attention_bias, axis=-1)
+    # The softmax in float32 (attention_bias is float32), its probabilities in the model's dtype.
+    probs = jax.nn.softmax(scores.astype(jnp.float32) + attention_bias, axis=-1).astype(q.dtype)
     probs = _dropout(c, c.attention_probs_dropout_prob)(probs, deterministic)
     context = jnp.einsum("bhqk,bhkd->bhqd", probs, v).transpose(0, 2, 1, 3)
     context = context.reshape(context.shape[:2] + (c.hidden_size,))
@@ -325,7 +342,7 @@ class Encoder(nn.Module):
                        embedding_init=nn.initializers.normal(c.initializer_range),
                        name="relative_attention_bias")
       bias = table(jnp.asarray(relative_position_buckets(x.shape[1])))  # [query, key, heads]
-      attention_bias = attention_bias + bias.transpose(2, 0, 1)[None].astype(x.dtype)
+      attention_bias = attention_bias + bias.transpose(2, 0, 1)[None].astype(jnp.float32)
     for i in range(self.config.num_hidden_layers):
       x = Layer(self.config, name=f"layer_{i}")(x, attention_bias, deterministic)
     return x
@@ -357,9 +374,10 @@ class EncoderModel(nn.Module):
     x = Embeddings(c, name="embeddings")(input_ids, token_type_ids, position_ids, deterministic)
     if (c.embedding_size or c.hidden_size) != c.hidden_size:  # ELECTRA-small's narrow embeddings
       x = _dense(c, c.hidden_size, "embeddings_project")(x)
-    # Additive mask over keys, as transformers does: 0 where attended, dtype-min where padded.
+    # Additive mask over keys, as transformers does: 0 where attended, float32-min where padded
+    # (float32 whatever the model's dtype: it is added to the scores in the softmax's float32).
     attention_bias = jnp.where(attention_mask[:, None, None, :].astype(bool), 0.0,
-                               jnp.finfo(x.dtype).min).astype(x.dtype)
+                               jnp.finfo(jnp.float32).min).astype(jnp.float32)
     x = Encoder(c, name="encoder")(x, attention_bias, deterministic)
     has_pooler, _ = _ARCHITECTURES[c.model_type]
     return x, Pooler(c, name="pooler")(x) if has_pooler else None
@@ -401,8 +419,11 @@ class EncoderForSequenceClassification(nn.Module):
     _, head = _ARCHITECTURES[c.model_type]
     if head == "pooler":
       pooled = _dropout(c, c.classifier_dropout_rate)(pooled, deterministic)
-      return _dense(c, c.num_labels, "classifier")(pooled)
-    return ClassificationHead(c, activation=head, name="classifier")(sequence[:, 0], deterministic)
+      logits = _dense(c, c.num_labels, "classifier")(pooled)
+    else:
+      logits = ClassificationHead(c, activation=head, name="classifier")(sequence[:, 0],
+                                                                        deterministic)
+    return logits.astype(jnp.float32)  # the loss in float32, also under dtype="bfloat16"
 
 
   @property
