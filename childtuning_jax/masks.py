@@ -12,6 +12,7 @@ from collections import defaultdict
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from childtuning_jax import _trees
@@ -46,8 +47,9 @@ def select_child_network(fisher: Any, reserve_p: float, *, always_trainable: Any
       ``lambda path: "layer" not in jax.tree_util.keystr(path)``.
 
   Returns:
-    A pytree of boolean ``numpy`` arrays with the structure and shapes of
-    ``fisher``.
+    A pytree of boolean arrays (``jax.Array``) with the structure and shapes
+    of ``fisher``. The selection runs where the Fisher is, with its shardings
+    (an exact threshold search: no host copy of the scores).
 
   Raises:
     ValueError: if ``reserve_p`` is outside ``(0, 1]``, a score is NaN or
@@ -59,8 +61,8 @@ def select_child_network(fisher: Any, reserve_p: float, *, always_trainable: Any
     >>> from childtuning_jax import select_child_network
     >>> fisher = {"a": np.array([0.1, 0.9, 0.5]), "head": np.array([0.0, 0.0])}
     >>> mask = select_child_network(fisher, 2 / 3, always_trainable={"a": False, "head": True})
-    >>> mask["a"], mask["head"]
-    (array([False,  True,  True]), array([ True,  True]))
+    >>> mask["a"].tolist(), mask["head"].tolist()
+    ([False, True, True], [True, True])
 
   References:
     Xu et al., "Raise a Child in Large Language Model: Towards Effective and
@@ -71,45 +73,74 @@ def select_child_network(fisher: Any, reserve_p: float, *, always_trainable: Any
   if not named:
     raise ValueError("fisher has no leaves.")
   always = _trees.leaf_flags(always_trainable, fisher, "always_trainable")
-
-  scores = []
-  for (name, leaf), dense in zip(named, always):
-    values = np.asarray(leaf, dtype=np.float32)
-    if not np.all(np.isfinite(values)):
+  competing = [jnp.asarray(leaf, jnp.float32) for (_, leaf), dense in zip(named, always)
+               if not dense]
+  finite = np.asarray(_all_finite(competing)) if competing else np.ones(0, bool)
+  names = [name for (name, _), dense in zip(named, always) if not dense]
+  for name, ok in zip(names, finite):
+    if not ok:
       raise ValueError(f"fisher leaf '{name}' contains NaN or infinite values.")
-    if not dense:
-      scores.append(values.ravel())
-  flat = np.concatenate(scores) if scores else np.zeros(0, np.float32)
-  keep = _top_k_stable(flat, round(reserve_p * flat.size))
-
-  masks, offset = [], 0
-  for (_, leaf), dense in zip(named, always):
-    shape = np.shape(leaf)
-    if dense:
-      masks.append(np.ones(shape, bool))
-    else:
-      size = int(np.prod(shape, dtype=np.int64))
-      masks.append(keep[offset:offset + size].reshape(shape))
-      offset += size
+  size = sum(int(np.prod(np.shape(leaf), dtype=np.int64)) for leaf in competing)
+  chosen = iter(_top_k_stable(competing, round(reserve_p * size), size))
+  masks = [jnp.ones(np.shape(leaf), bool) if dense else next(chosen)
+           for (_, leaf), dense in zip(named, always)]
   return jax.tree.unflatten(jax.tree.structure(fisher), masks)
 
 
-def _top_k_stable(values: np.ndarray, k: int) -> np.ndarray:
-  """Boolean mask of the ``k`` largest values; among equal values the lower index wins."""
-  keep = np.zeros(values.size, bool)
-  if k <= 0:
-    return keep
-  if k >= values.size:
-    keep[:] = True
-    return keep
-  # O(N): find the k-th largest value, take everything above it, then fill
-  # the remaining places with the first entries equal to it.
-  threshold = np.partition(values, values.size - k)[values.size - k]
-  above = values > threshold
-  keep |= above
-  ties = np.flatnonzero(values == threshold)
-  keep[ties[:k - int(above.sum())]] = True
-  return keep
+@jax.jit
+def _all_finite(leaves: list[jax.Array]) -> jax.Array:
+  return jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in leaves])
+
+
+def _order_keys(values: jax.Array) -> jax.Array:
+  """uint32 keys in the order of the float32 ``values`` (-0.0 and 0.0 one key, as they
+  compare equal)."""
+  bits = jax.lax.bitcast_convert_type(jnp.where(values == 0, 0.0, values), jnp.uint32)
+  return jnp.where(bits >> 31 == 1, ~bits, bits | jnp.uint32(1 << 31))
+
+
+@jax.jit
+def _counts_from(leaves: list[jax.Array], key: jax.Array) -> jax.Array:
+  """Per leaf, how many of its entries have an order key of at least ``key`` (int32: a
+  leaf has fewer than 2**31 entries; the totals are summed on the host)."""
+  return jnp.stack([jnp.sum(_order_keys(leaf) >= key, dtype=jnp.int32) for leaf in leaves])
+
+
+@jax.jit
+def _keep(leaves: list[jax.Array], threshold: jax.Array, ties: jax.Array) -> list[jax.Array]:
+  """Each leaf's entries above ``threshold``, and its first ``ties[i]`` entries equal to it."""
+  masks = []
+  for leaf, take in zip(leaves, ties):
+    keys = _order_keys(leaf)
+    tie = keys == threshold
+    rank = jnp.cumsum(tie.reshape(-1), dtype=jnp.int32).reshape(leaf.shape)
+    masks.append((keys > threshold) | (tie & (rank <= take)))
+  return masks
+
+
+def _top_k_stable(leaves: list[jax.Array], k: int, size: int) -> list[jax.Array]:
+  """Boolean masks of the ``k`` largest of all the leaves' entries; among equal values the
+  entry of the earlier leaf, then the lower row-major index, wins.
+
+  On the leaves' devices, with their shardings: the ``k``-th largest value is found by a
+  binary search over the 32 bits of an order-preserving key (32 counting passes), so no
+  host copy of the scores is needed, however many there are.
+  """
+  if k <= 0 or k >= size:
+    return [jnp.full(leaf.shape, k > 0) for leaf in leaves]
+  total = lambda key: int(np.asarray(_counts_from(leaves, jnp.uint32(key)), np.int64).sum())
+  threshold = 0
+  for bit in reversed(range(32)):  # the largest key with at least k entries at or above it
+    if total(threshold | 1 << bit) >= k:
+      threshold |= 1 << bit
+  at_least = np.asarray(_counts_from(leaves, jnp.uint32(threshold)), np.int64)
+  above = (np.asarray(_counts_from(leaves, jnp.uint32(threshold + 1)), np.int64)
+           if threshold < (1 << 32) - 1 else np.zeros(len(leaves), np.int64))
+  ties = at_least - above
+  needed = k - int(above.sum())  # ties to take, in leaf order
+  before = np.concatenate([[0], np.cumsum(ties)[:-1]])
+  take = np.clip(needed - before, 0, ties)
+  return _keep(leaves, jnp.uint32(threshold), jnp.asarray(take, jnp.int32))
 
 
 def keep_fractions(mask: Any, group_by: GroupBy = None) -> dict[str, float]:

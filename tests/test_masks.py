@@ -160,3 +160,37 @@ def test_load_mask_refuses_a_file_that_does_not_fit(tmp_path):
 def test_save_mask_refuses_non_boolean_mask(tmp_path):
   with pytest.raises(TypeError, match="'w' must be a boolean"):
     save_mask(tmp_path / "m.npz", {"w": np.ones(2)})
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_select_on_device_matches_brute_force_with_ties_signs_and_signed_zeros(seed):
+  """The threshold search over order keys: negative scores, -0.0 equal to 0.0, heavy ties
+  across leaves, the tied entries taken in leaf then row-major order."""
+  rng = np.random.default_rng(seed)
+  values = np.array([-2.5, -1.0, -0.0, 0.0, 1e-30, 0.5, 0.5, 3.0, np.float32(1e30)], np.float32)
+  fisher = {"a": rng.choice(values, (7, 9)), "b": {"c": rng.choice(values, 13),
+                                                  "d": rng.choice(values, (2, 3, 4))}}
+  for p in (0.05, 0.3, 0.5, 0.77):
+    mask = select_child_network(fisher, p)
+    # -0.0 sorts with 0.0: compare with the brute force on canonical zeros.
+    canonical = jax.tree.map(lambda x: np.where(x == 0, 0.0, x), fisher)
+    want = _brute_force_top_k(canonical, p, [True] * 3)
+    for got, expected in zip(jax.tree.leaves(mask), want):
+      np.testing.assert_array_equal(np.asarray(got), expected)
+
+
+def test_select_on_a_sharded_fisher_keeps_its_shardings_and_the_same_child():
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  mesh = jax.sharding.Mesh(np.array(jax.devices()).reshape(4, 2), ("data", "fsdp"))
+  rng = np.random.default_rng(5)
+  fisher = {"kernel": np.round(rng.random((64, 32)), 2).astype(np.float32),  # ties
+            "bias": np.round(rng.random(32), 2).astype(np.float32)}
+  specs = {"kernel": P("fsdp", None), "bias": P("fsdp")}
+  sharded = {name: jax.device_put(x, NamedSharding(mesh, specs[name]))
+             for name, x in fisher.items()}
+  got = select_child_network(sharded, 0.3)
+  want = select_child_network(fisher, 0.3)
+  for name in fisher:
+    assert got[name].sharding.is_equivalent_to(sharded[name].sharding, fisher[name].ndim)
+    np.testing.assert_array_equal(np.asarray(got[name]), np.asarray(want[name]))
+  assert sum(int(m.sum()) for m in jax.tree.leaves(got)) == round(0.3 * (64 * 32 + 32))
