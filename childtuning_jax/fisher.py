@@ -139,7 +139,7 @@ def estimate_fisher(
     functions = _chunk_functions(loss_fn, fisher_type, logits_fn, label_key, lookups)
   add_squared_example_grads, weighted_grad_sum = functions
 
-  zeros = lambda: jax.tree.map(lambda x: jnp.zeros(jnp.shape(x), jnp.float32), params)
+  zeros = _zeros_maker(params)
   total = zeros()
   batch_grad, batch_examples = (None, 0) if per_example else (zeros(), 0)
   num_examples = num_batches = 0
@@ -176,6 +176,18 @@ def estimate_fisher(
       raise ValueError(f"the Fisher of {path} is all zero: loss_fn must add "
                        f"row_offsets[{path!r}] to the rows it looks up from that table.")
   return total
+
+
+def _zeros_maker(params: Any) -> Callable[[], Any]:
+  """A function giving float32 zeros of the parameters' shapes, placed as the parameters
+  are (a sharded parameter gets a Fisher sharded the same way: no device holds more than
+  its shard)."""
+  leaves, treedef = jax.tree.flatten(params)
+  shapes = [jnp.shape(x) for x in leaves]
+  make = lambda: jax.tree.unflatten(treedef, [jnp.zeros(shape, jnp.float32) for shape in shapes])
+  if leaves and all(isinstance(x, jax.Array) for x in leaves):
+    return jax.jit(make, out_shardings=jax.tree.unflatten(treedef, [x.sharding for x in leaves]))
+  return make
 
 
 # Errors of a loss that updates state (a counter, batch statistics) while traced.

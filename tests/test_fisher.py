@@ -167,6 +167,24 @@ def test_data_parallel_fisher_equals_single_device():
   _assert_trees_close(sharded, _brute_force_fisher(_init_params(), batches))
 
 
+@pytest.mark.parametrize("per_example", [True, False])
+def test_sharded_params_give_a_fisher_sharded_the_same_way(per_example):
+  """FSDP: parameters split over 4 devices, the batch over all 8; the Fisher comes out split
+  as the parameters are, with the single-device values."""
+  mesh = jax.sharding.Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "fsdp"))
+  specs = {"embed": P(None, "fsdp"), "hidden": {"kernel": P("fsdp", None), "bias": P()},
+           "head": P(None, None)}
+  params = jax.tree.map(lambda x, spec: jax.device_put(x, NamedSharding(mesh, spec)),
+                        _init_params(), specs)
+  batches = _data([9, 12, 4])
+  got = estimate_fisher(_loss, params, batches, chunk_size=8, per_example=per_example,
+                        data_sharding=NamedSharding(mesh, P(("data", "fsdp"))))
+  want = estimate_fisher(_loss, _init_params(), batches, chunk_size=8, per_example=per_example)
+  for g, p, w in zip(jax.tree.leaves(got), jax.tree.leaves(params), jax.tree.leaves(want)):
+    assert g.sharding.is_equivalent_to(p.sharding, p.ndim)
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=2e-5, atol=1e-9)
+
+
 def test_empty_data_refused():
   with pytest.raises(ValueError, match="no examples"):
     estimate_fisher(_loss, _init_params(), [], chunk_size=4)

@@ -68,6 +68,54 @@ def test_eight_devices_give_the_one_device_result(tiny, tmp_path):
   assert ct.mask_jaccard(mask_one, mask_eight) > 0.999
 
 
+@pytest.mark.parametrize("fsdp, extra", [(1, ()), (2, ()), (4, ("--sparse_optimizer_state",)),
+                                         (8, ())])
+def test_fsdp_gives_the_one_device_result(tiny, tmp_path, fsdp, extra):
+  """--fsdp N on 8 devices: the state and the Fisher pass sharded over N of them, the batch
+  over all 8; CT-D (Fisher, mask, its dense or sparse optimizer state) as on one device."""
+  flags = ["--mode", "ChildTuning-D", "--learning_rate", "1e-3", "--max_steps", "6",
+           "--fisher_batch_size", "16", "--fisher_num_examples", "100", *extra]
+  one = run(tiny, tmp_path / "one", *flags, "--num_devices", "1",
+            "--per_device_train_batch_size", "16")
+  sharded = run(tiny, tmp_path / "fsdp", *flags, "--fsdp", str(fsdp),
+                "--per_device_train_batch_size", "2")
+  assert sharded["eval_loss"] == pytest.approx(one["eval_loss"], rel=1e-5, abs=1e-6)
+  assert sharded["eval_accuracy"] == one["eval_accuracy"]
+  mask_one = dict(np.load(tmp_path / "one" / "mask.npz"))
+  assert ct.mask_jaccard(mask_one, dict(np.load(tmp_path / "fsdp" / "mask.npz"))) > 0.999
+  assert read_json(tmp_path / "fsdp" / "run_args.json")["fsdp"] == fsdp
+
+
+def test_fsdp_splits_each_leaf_along_its_largest_divisible_axis_and_the_step_holds_a_shard():
+  assert trainer.fsdp_spec((30522, 768), 4) == jax.sharding.PartitionSpec(None, "fsdp")
+  assert trainer.fsdp_spec((768, 3072), 4) == jax.sharding.PartitionSpec(None, "fsdp")
+  assert trainer.fsdp_spec((768, 768), 4) == jax.sharding.PartitionSpec("fsdp", None)
+  assert trainer.fsdp_spec((2,), 4) == jax.sharding.PartitionSpec()
+  assert trainer.fsdp_spec((), 4) == jax.sharding.PartitionSpec()
+  assert trainer.fsdp_spec((768, 768), 1) == jax.sharding.PartitionSpec()
+  with pytest.raises(ValueError, match="--fsdp 3 must divide the number of devices, 8"):
+    trainer.Run(arguments.TrainingArguments(output_dir="-", fsdp=3))
+  # The compiled step's per-device arguments (state and batch) at fsdp 1, 2, 4 and 8.
+  config = ct.models.EncoderConfig(vocab_size=512, hidden_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, intermediate_size=256)
+  model = ct.models.EncoderForSequenceClassification(config)
+  params = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])
+  tx = optax.adamw(1e-3)
+  batch = {name: jax.ShapeDtypeStruct((16, 32), jnp.int32) for name in trainer.MODEL_INPUTS}
+  batch["labels"] = jax.ShapeDtypeStruct((16,), jnp.int32)
+  state = trainer.TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
+                             opt_state=jax.eval_shape(tx.init, params),
+                             dropout_key=jax.eval_shape(lambda: jax.random.key(0)))
+  sizes = {}
+  for fsdp in (1, 2, 4, 8):
+    run_ = trainer.Run(arguments.TrainingArguments(output_dir="-", fsdp=fsdp))
+    step = trainer.compile_train_step(trainer.make_train_step(
+        tx, trainer.task_loss(model, is_regression=False), optax.constant_schedule(1e-3)), run_, state)
+    sizes[fsdp] = step.lower(state, batch).compile().memory_analysis().argument_size_in_bytes
+  for fsdp in (2, 4, 8):
+    assert sizes[fsdp] / sizes[1] == pytest.approx(1 / fsdp, rel=0.1), sizes
+
+
 RESUME_FLAGS = ["--mode", "ChildTuning-F", "--learning_rate", "1e-3", "--max_steps", "8",
                 "--save_steps", "3", "--warmup_steps", "2", "--seed", "7"]  # shared: compiled once
 

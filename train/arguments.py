@@ -210,6 +210,13 @@ class TrainingArguments:
   eval_steps: int | None = _field(None, "Also evaluate every N steps (default: only at the end).",
                                   minimum=1)
   num_devices: int | None = _field(None, "Use the first N devices (default: all).", minimum=1)
+  fsdp: int = _field(
+      1, "Shard the parameters, the optimizer state (CT-D's mask and sparse state too) and the "
+      "Fisher pass over groups of N devices (ZeRO-3 / FSDP): each leaf is split along its "
+      "largest axis that N divides (leaves N divides no axis of stay whole), so a device holds "
+      "about 1/N of the state. The batch is still split over all devices "
+      "(--per_device_train_batch_size stays per device). N must divide the number of devices.",
+      minimum=1)
   jax_distributed: bool = _field(
       False, "Run as one of several processes (hosts): jax.distributed.initialize() first. Its "
       "settings are detected on TPU pods and under SLURM; elsewhere give --coordinator_address, "

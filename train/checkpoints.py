@@ -39,20 +39,20 @@ def manager(directory: str | Path, max_to_keep: int | None) -> ocp.CheckpointMan
                                item_names=("state", "metadata"))
 
 
-def _is_typed_key(x: Any) -> bool:
+def is_typed_key(x: Any) -> bool:
   return isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
 
 
 def key_data(tree: Any) -> Any:
   """``tree`` with every typed PRNG key replaced by its key data (a uint32 array)."""
-  return jax.tree.map(lambda x: jax.random.key_data(x) if _is_typed_key(x) else x, tree)
+  return jax.tree.map(lambda x: jax.random.key_data(x) if is_typed_key(x) else x, tree)
 
 
 def wrap_keys(data: Any, like: Any) -> Any:
   """Undoes :func:`key_data`: the leaves where ``like`` holds a typed key become keys again."""
   return jax.tree.map(
       lambda value, reference: (jax.random.wrap_key_data(value, impl=jax.random.key_impl(reference))
-                                if _is_typed_key(reference) else value), data, like)
+                                if is_typed_key(reference) else value), data, like)
 
 
 def place(tree: Any, sharding: jax.sharding.Sharding) -> Any:

@@ -12,9 +12,11 @@ checkpoint holds; the data order is a function of ``(seed, epoch)`` and the
 dropout key of a step is ``fold_in(dropout_key, step)``. So a run resumed from
 a checkpoint takes exactly the steps the uninterrupted run would have.
 
-Data parallelism: a one-axis ``Mesh`` over the devices (``AxisType.Auto``),
-the batch split over its ``data`` axis, parameters and optimizer state
-replicated; ``jax.jit`` inserts the gradient all-reduce.
+Parallelism: a ``Mesh`` over the devices with axes ``data`` and ``fsdp`` (``--fsdp N``:
+N devices along ``fsdp``; ``AxisType.Auto``). The batch is split over all devices; every
+leaf of the train state is split over ``fsdp`` along its largest axis N divides
+(:func:`fsdp_spec`), or replicated (N = 1, the default: plain data parallelism). ``jax.jit``
+inserts the collectives: the parameters' all-gathers and the gradients' reductions.
 """
 
 from __future__ import annotations
@@ -205,11 +207,24 @@ def make_train_step(tx: optax.GradientTransformation, loss: methods.Loss,
   return train_step
 
 
-def compile_train_step(step_fn: Callable, run) -> Callable:
-  """The jitted step: batch split over the devices, state replicated and donated (its buffers
-  are reused for the new state, so the state passed in is deleted)."""
-  return jax.jit(step_fn, in_shardings=(run.replicated, run.data), out_shardings=run.replicated,
-                 donate_argnums=0)
+def fsdp_spec(shape: tuple[int, ...], n: int) -> P:
+  """How ``--fsdp n`` splits a leaf of ``shape``: along its largest axis that ``n`` divides
+  (the first such axis of that size), over the mesh's ``fsdp`` axis; whole (replicated)
+  when ``n`` is 1 or divides no axis (scalars, odd-sized vectors)."""
+  axes = [axis for axis, size in enumerate(shape) if n > 1 and size % n == 0]
+  if not axes:
+    return P()
+  axis = max(axes, key=lambda a: (shape[a], -a))
+  return P(*(("fsdp" if a == axis else None) for a in range(len(shape))))
+
+
+def compile_train_step(step_fn: Callable, run, state: TrainState) -> Callable:
+  """The jitted step: batch split over the devices, the state placed as ``run.shardings``
+  places ``state`` and donated (its buffers are reused for the new state, so the state
+  passed in is deleted)."""
+  shardings = run.shardings(state)
+  return jax.jit(step_fn, in_shardings=(shardings, run.data),
+                 out_shardings=(shardings, run.replicated), donate_argnums=0)
 
 
 def make_eval_step(model, *, is_regression: bool) -> Callable:
@@ -230,15 +245,38 @@ class Run:
       if not 1 <= args.num_devices <= len(devices):
         raise ValueError(f"--num_devices={args.num_devices}, but there are {len(devices)} devices.")
       devices = devices[:args.num_devices]
+    if len(devices) % args.fsdp:
+      raise ValueError(f"--fsdp {args.fsdp} must divide the number of devices, {len(devices)}.")
     # AxisType.Auto: with Explicit axes (jax.make_mesh's default) the embedding gather fails.
-    self.mesh = jax.sharding.Mesh(np.array(devices), ("data",),
-                                  axis_types=(jax.sharding.AxisType.Auto,))
+    self.mesh = jax.sharding.Mesh(np.array(devices).reshape(-1, args.fsdp), ("data", "fsdp"),
+                                  axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    self.fsdp = args.fsdp
     self.replicated = NamedSharding(self.mesh, P())
-    self.data = NamedSharding(self.mesh, P("data"))
+    self.data = NamedSharding(self.mesh, P(("data", "fsdp")))  # the batch over every device
     self.num_devices = len(devices)
     self.output_dir = Path(args.output_dir)
     self.is_main = jax.process_index() == 0
     self.progress = not args.disable_tqdm and self.is_main
+
+  def shardings(self, tree: Any) -> Any:
+    """A ``NamedSharding`` per leaf of ``tree`` (a train state, parameters, a mask): split
+    over ``fsdp`` as :func:`fsdp_spec` says; typed PRNG keys and scalars replicated."""
+    def sharding(leaf):
+      if checkpoints_lib.is_typed_key(leaf):
+        return self.replicated
+      return NamedSharding(self.mesh, fsdp_spec(np.shape(leaf), self.fsdp))
+    return jax.tree.map(sharding, tree)
+
+  def place(self, tree: Any) -> Any:
+    """``tree`` on the devices, placed as :meth:`shardings` says."""
+    return checkpoints_lib.place(tree, self.shardings(tree))
+
+  def to_host(self, tree: Any) -> Any:
+    """``tree`` as numpy arrays on every process, also where a process holds only shards."""
+    if all(getattr(x, "is_fully_addressable", True) for x in jax.tree.leaves(tree)):
+      return jax.device_get(tree)
+    from jax.experimental import multihost_utils
+    return multihost_utils.process_allgather(tree, tiled=True)
 
   def write_json(self, name: str, value: Any) -> None:
     if self.is_main:
@@ -348,9 +386,9 @@ def write_child_network(mask: Any, run: Run, always_trainable_pattern: str) -> N
   """``mask.npz`` and ``mask_keep_fractions.json``: the child's share of all entries, of the
   entries that competed for it (outside ``--always_trainable``: p by construction), of the
   encoder blocks' entries, and of each layer's."""
+  mask = run.to_host(mask)  # every process takes part in gathering shards
   if not run.is_main:
     return
-  mask = jax.device_get(mask)
   ct.save_mask(run.output_dir / "mask.npz", mask)
   always = re.compile(always_trainable_pattern) if always_trainable_pattern else None
 
@@ -480,7 +518,7 @@ def child_network_phase(setup: Setup) -> tuple[Any, float | None]:
   if setup.resuming:  # a stand-in of the right structure, replaced by the restore
     return jax.tree.map(lambda p: np.ones(p.shape, bool), setup.params), None
   started = time.perf_counter()
-  mask = estimate_child_network(setup.model, checkpoints_lib.place(setup.params, setup.run.replicated),
+  mask = estimate_child_network(setup.model, setup.run.place(setup.params),
                                 setup.train_arrays, setup.datasets, setup.args, setup.run)
   return mask, round(time.perf_counter() - started, 3)
 
@@ -498,10 +536,10 @@ def initial_state(setup: Setup, mask: Any):
   # w0 is a copy: the state is donated to the step, and a buffer cannot be donated twice.
   needs_pretrained = any(piece.needs_pretrained for piece in pieces)
   pretrained = jax.tree.map(jnp.array, setup.params) if needs_pretrained else None
-  state = checkpoints_lib.place(
-      TrainState(step=jnp.zeros((), jnp.int32), params=setup.params,
-                 opt_state=tx.init(setup.params), dropout_key=dropout_key, pretrained=pretrained),
-      setup.run.replicated)
+  params = setup.run.place(setup.params)  # the optimizer state is made where its leaf is
+  state = setup.run.place(
+      TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                 dropout_key=dropout_key, pretrained=pretrained))
   if setup.resuming:
     state = checkpoints_lib.restore(setup.checkpoints, state)
   if args.mode == "ChildTuning-D":
@@ -513,11 +551,13 @@ def initial_state(setup: Setup, mask: Any):
 def write_child_delta(setup: Setup, state: TrainState) -> int:
   """``child_delta.npz``: the child entries training changed (``ct.apply_child_delta`` on the
   pretrained parameters rebuilds the fine-tuned ones). Returns its size in bytes."""
-  params = jax.device_get(state.params)  # every process: the parameters are replicated
+  # Every process takes part in gathering shards.
+  params = setup.run.to_host(state.params)
+  mask = setup.run.to_host(child_network_of(state.opt_state, state.params))
   if not setup.run.is_main:
     return 0
   written = ct.save_child_delta(setup.run.output_dir / "child_delta.npz", params,
-                                setup.pretrained(), child_network_of(state.opt_state, params))
+                                setup.pretrained(), mask)
   logger.info("child_delta.npz: %d changed entries of %d, %.1f MiB", written["entries"],
               written["parameters"], written["bytes"] / 2**20)
   return written["bytes"]
@@ -528,7 +568,8 @@ def _evaluator(setup: Setup) -> tuple[Callable, Callable]:
   metrics for some parameters."""
   run, datasets = setup.run, setup.datasets
   eval_step = jax.jit(make_eval_step(setup.model, is_regression=datasets.is_regression),
-                      in_shardings=(run.replicated, run.data), out_shardings=run.replicated)
+                      in_shardings=(run.shardings(setup.params), run.data),
+                      out_shardings=run.replicated)
   return eval_step, lambda params: evaluate_all(eval_step, params, setup.eval_arrays, datasets,
                                                 setup.args, run)
 
@@ -543,7 +584,7 @@ def train(setup: Setup, state: TrainState, tx, pieces, signals: loop.StopSignals
     return state, 0.0, log
   loss = methods.wrap_loss(task_loss(setup.model, is_regression=setup.datasets.is_regression),
                            pieces)
-  train_step = compile_train_step(make_train_step(tx, loss, setup.schedule), run)
+  train_step = compile_train_step(make_train_step(tx, loss, setup.schedule), run, state)
   logger.info("%s: %d examples, %d devices, batch %d, %d steps (%d per epoch), from step %d",
               args.mode, len(setup.train_arrays["labels"]), run.num_devices, steps.batch_size,
               steps.total, steps.per_epoch, start_step)
