@@ -40,6 +40,7 @@ from childtuning_jax.models import (EncoderConfig, EncoderForSequenceClassificat
 from childtuning_jax.models.matmul import matmul  # noqa: E402
 from train import trainer  # noqa: E402
 from train.arguments import TrainingArguments  # noqa: E402
+from benchmarks_md import update_benchmarks_md  # noqa: E402
 
 BATCH, SEQ_LEN, RESERVE_P, LR = 32, 128, 0.3, 2e-5
 # The library's BERT classifier at two sizes, randomly initialised (speed does not depend on
@@ -392,10 +393,50 @@ def bench_fisher(config, reps):
 HOST_MEMORY_SETTINGS = {"glibc's defaults": {}, "childtuning_jax.cpu.MALLOC_ENV": MALLOC_ENV}
 
 
+FSDP_SIZES = (1, 2, 4, 8)
+
+
+def fsdp_memory():
+  """Per-device bytes of the trainer's compiled step at BERT-large shapes under
+  ``--fsdp N`` on 8 CPU devices (a process of its own: the devices are forced at start)."""
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+         "JAX_PLATFORMS": "cpu"}
+  out = subprocess.run([sys.executable, __file__, "--workload", "fsdp memory"], check=True,
+                       capture_output=True, text=True, env=env).stdout
+  return json.loads(out.strip().splitlines()[-1])
+
+
+def fsdp_memory_workload():
+  model = EncoderForSequenceClassification(BERT_LARGE)
+  params = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])
+  batch = {name: jax.ShapeDtypeStruct((BATCH, SEQ_LEN), jnp.int32) for name in trainer.MODEL_INPUTS}
+  batch["labels"] = jax.ShapeDtypeStruct((BATCH,), jnp.int32)
+  every = lambda p: jax.tree.map(lambda x: jnp.ones(x.shape, bool), p)  # a mask from shapes
+  rows = {}
+  for mode in ("vanilla", "ChildTuning-D"):
+    args = TrainingArguments(output_dir="-", mode=mode, learning_rate=LR, weight_decay=0.01)
+    tx = trainer.optimizer(args, optax.constant_schedule(LR), key=jax.random.key(0),
+                           mask=every if mode == "ChildTuning-D" else None)
+    state = trainer.TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
+                               opt_state=jax.eval_shape(tx.init, params),
+                               dropout_key=jax.eval_shape(lambda: jax.random.key(0)))
+    for fsdp in FSDP_SIZES:
+      run = trainer.Run(TrainingArguments(output_dir="-", fsdp=fsdp))
+      step = trainer.compile_train_step(trainer.make_train_step(
+          tx, trainer.task_loss(model, is_regression=False), optax.constant_schedule(LR)),
+          run, state)
+      memory = step.lower(state, batch).compile().memory_analysis()
+      rows[f"{mode}, --fsdp {fsdp}"] = {"argument_bytes": memory.argument_size_in_bytes,
+                                        "temp_bytes": memory.temp_size_in_bytes}
+  return json.dumps(rows)
+
+
 def run_workload(name):
   """Runs one workload in this process. Peak-memory workloads run twice and return the
   peak RSS in MiB; a host-memory workload returns the vanilla step's median time and
   minor page faults per step."""
+  if name == "fsdp memory":
+    return fsdp_memory_workload()
   model, params = init_params(MINILM_L6)
   batch = fake_batch(MINILM_L6)
   if name in HOST_MEMORY_SETTINGS:
@@ -610,25 +651,23 @@ def render(results):
     lines += ["", "Three processes per setting, alternating; each time is the median of five steps "
               "after two warm-up steps. The other tables of this section were measured with "
               "`MALLOC_ENV` (the script restarts itself with it).", ""]
+  if "fsdp_memory" in results:
+    rows = results["fsdp_memory"]
+    lines += [f"### `--fsdp N`: per-device bytes of the trainer's compiled step, BERT-large "
+              f"shapes, batch {BATCH} × {SEQ_LEN}, 8 CPU devices (`memory_analysis`)", "",
+              "| mode, sharding | arguments (state, batch) per device | vs --fsdp 1 | "
+              "temporaries per device |", "| --- | ---: | ---: | ---: |"]
+    for name, r in rows.items():
+      base = rows[name.rsplit(",", 1)[0] + ", --fsdp 1"]["argument_bytes"]
+      lines.append(f"| {name} | {r['argument_bytes'] / 2**20:,.0f} MiB | "
+                   f"{r['argument_bytes'] / base:.3f}× | {r['temp_bytes'] / 2**20:,.0f} MiB |")
+    lines.append("")
   mem = results["peak_memory_mib"]
   lines += ["### Peak memory (resident set of a process running only that workload, MiniLM-L6)", "",
             "| workload | peak RSS | ratio |", "| --- | ---: | ---: |"]
   base = next(iter(mem.values()))
   lines += [f"| {name} | {v:.0f} MiB | {v / base:.2f}× |" for name, v in mem.items()]
   return "\n".join(lines) + "\n"
-
-
-def update_benchmarks_md(section, backend, name="bench_core", title="Core library"):
-  """Replaces the script's own marked section of BENCHMARKS.md (appends it the first time)."""
-  path = ROOT / "BENCHMARKS.md"
-  start, end = f"<!-- {name}:{backend}:start -->", f"<!-- {name}:{backend}:end -->"
-  text = path.read_text() if path.exists() else "# Benchmarks\n"
-  block = f"{start}\n{section}{end}"
-  if start in text:
-    text = text[:text.index(start)] + block + text[text.index(end) + len(end):]
-  else:
-    text = text.rstrip("\n") + f"\n\n## {title} ({backend})\n\n{block}\n"
-  path.write_text(text)
 
 
 def main():
@@ -658,7 +697,8 @@ def main():
                   ("optimizer_state_memory", optimizer_state_memory),
                   ("fisher_memory", fisher_memory),
                   ("peak_memory_mib", peak_memory),
-                  ("host_memory", lambda: host_memory(3))):
+                  ("host_memory", lambda: host_memory(3)),
+                  ("fsdp_memory", fsdp_memory)):
     if args.only and key not in args.only.split(","):
       continue
     results[key] = fn()

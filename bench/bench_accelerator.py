@@ -1,0 +1,360 @@
+"""The training step on whatever backend JAX sees: vanilla, CT-F and CT-D, float32 and
+bfloat16, at BERT-base and BERT-large shapes with random weights.
+
+For each (model, dtype, mode) it reports the compile time of the step (lower + compile),
+its median time over ``--steps`` steps, the model FLOP utilisation against the chip's
+peak (``PEAK_TFLOPS``; the FLOPs are the usual analytic count of the matmuls: 6 × matmul
+parameters × tokens, plus the attention products), and the step's ratio to vanilla's.
+It also times the per-example Fisher over one batch against one batched backward pass.
+
+It needs only jax, flax, optax and numpy (nothing from the trainer's extras) and the
+library in this repository:
+
+  PYTHONPATH=. python3 bench/bench_accelerator.py                 (BERT-base and BERT-large)
+  PYTHONPATH=. python3 bench/bench_accelerator.py --tiny          (a tiny model, seconds, CPU)
+  PYTHONPATH=. python3 bench/bench_accelerator.py --compile_only --sizes minilm,bert-base,bert-large
+
+The step is the trainer's: dropout on, gradients clipped to norm 1, then the mode's mask
+and AdamW (weight decay 0.01); CT-D's child network is a random one of ``--reserve_p``
+(speed does not depend on which entries). ``--compile_only`` lowers the steps from
+shapes alone (``jax.eval_shape``), so BERT-large's compile time needs no memory for its
+weights. A table goes to stdout and everything to ``--out`` (JSON); ``--budget_s`` stops
+before a configuration that would start past it, and the JSON says which were left out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # run as a script from anywhere
+  sys.path.insert(0, str(ROOT))
+
+from childtuning_jax import child_tuning_adamw, estimate_fisher  # noqa: E402
+from childtuning_jax.models import EncoderConfig, EncoderForSequenceClassification  # noqa: E402
+
+SIZES = {
+    "tiny": EncoderConfig(vocab_size=1000, hidden_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, intermediate_size=128),
+    "minilm": EncoderConfig(hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
+                            intermediate_size=1536),
+    "bert-base": EncoderConfig(),
+    "bert-large": EncoderConfig(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
+                                intermediate_size=4096),
+}
+MODES = ("vanilla", "CT-F", "CT-D")
+DTYPES = ("float32", "bfloat16")
+LEARNING_RATE, WEIGHT_DECAY, MAX_GRAD_NORM = 2e-5, 0.01, 1.0
+
+# Dense peak TFLOP/s per chip: (float32 matmuls at JAX's default precision, bfloat16).
+# JAX's default precision runs float32 matmuls as TF32 on NVIDIA GPUs since Ampere and
+# as bfloat16 passes on TPUs, so those are the float32 peaks; vendor data sheets.
+PEAK_TFLOPS = {
+    "H100 PCIe": (378.0, 756.0),
+    "H100": (494.7, 989.4),  # SXM
+    "H200": (494.7, 989.4),
+    "A100": (156.0, 312.0),
+    "TPU v4": (275.0, 275.0),
+    "TPU v5 lite": (197.0, 197.0),  # v5e
+    "TPU v5e": (197.0, 197.0),
+    "TPU v5p": (459.0, 459.0),
+    "TPU v6 lite": (918.0, 918.0),  # v6e (Trillium)
+    "TPU v6e": (918.0, 918.0),
+}
+
+
+def cpu_peak_tflops(n: int = 2048, reps: int = 5) -> tuple[float, float]:
+  """This CPU's estimate: the best rate of an n × n × n matmul through XLA, float32 and
+  bfloat16 (a data-sheet peak depends on clocks and vector units a VM does not report)."""
+  rates = []
+  for dtype in (jnp.float32, jnp.bfloat16):
+    a = jnp.ones((n, n), dtype)
+    matmul = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32))
+    matmul(a, a).block_until_ready()
+    best = float("inf")
+    for _ in range(reps):
+      start = time.perf_counter()
+      matmul(a, a).block_until_ready()
+      best = min(best, time.perf_counter() - start)
+    rates.append(2 * n**3 / best / 1e12)
+  return rates[0], rates[1]
+
+
+def chip_peak(device) -> tuple[str, tuple[float, float] | None]:
+  """(name, (float32, bfloat16) peak TFLOP/s) of ``device``; None where unknown."""
+  kind = getattr(device, "device_kind", "") or device.platform
+  if device.platform == "cpu":
+    return (f"CPU ({platform.processor() or kind}); peak: the rate of a 2048² matmul",
+            cpu_peak_tflops())
+  for name, peaks in PEAK_TFLOPS.items():  # the first match: "H100 PCIe" before "H100"
+    if name.lower() in kind.lower():
+      return kind, peaks
+  return kind, None
+
+
+def step_flops(config: EncoderConfig, batch: int, length: int) -> float:
+  """Matmul FLOPs of one training step (forward + backward = 3 × forward): 2 per
+  multiply-add of every dense layer over every token, plus the attention's two products."""
+  h, i, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+  per_token = layers * (4 * h * h + 2 * h * i) + h * h + h * config.num_labels  # + pooler, head
+  attention = layers * 2 * length * h  # QKᵀ and PV: 2 · length · hidden multiply-adds per token
+  return 3 * 2 * batch * length * (per_token + attention)
+
+
+def fake_batch(config: EncoderConfig, batch: int, length: int, seed: int = 0) -> dict:
+  rng = np.random.default_rng(seed)
+  lengths = rng.integers(length // 2, length + 1, batch)
+  return {"input_ids": rng.integers(1, config.vocab_size, (batch, length)).astype(np.int32),
+          "attention_mask": (np.arange(length)[None] < lengths[:, None]).astype(np.int32),
+          "token_type_ids": np.zeros((batch, length), np.int32),
+          "labels": rng.integers(0, config.num_labels, batch).astype(np.int32)}
+
+
+def loss_fn(model):
+  def loss(params, batch, dropout_key=None):
+    logits = model.apply({"params": params}, batch["input_ids"], batch["attention_mask"],
+                         batch["token_type_ids"], deterministic=dropout_key is None,
+                         rngs=None if dropout_key is None else {"dropout": dropout_key})
+    return optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"]).mean()
+  return loss
+
+
+def optimizer(mode: str, reserve_p: float) -> optax.GradientTransformation:
+  """The trainer's optimizer for ``mode``: clipping, then the mask and AdamW."""
+  common = dict(weight_decay=WEIGHT_DECAY)
+  if mode == "vanilla":
+    inner = optax.adamw(LEARNING_RATE, eps=1e-6, **common)
+  elif mode == "CT-F":
+    inner = child_tuning_adamw(LEARNING_RATE, reserve_p=reserve_p, key=0, **common)
+  else:
+    def random_mask(params):  # a callable mask: built inside init, also from shapes alone
+      leaves, treedef = jax.tree.flatten(params)
+      keys = jax.random.split(jax.random.key(1), len(leaves))
+      return jax.tree.unflatten(treedef, [jax.random.bernoulli(k, reserve_p, jnp.shape(leaf))
+                                          for k, leaf in zip(keys, leaves)])
+    inner = child_tuning_adamw(LEARNING_RATE, mode="driven", mask=random_mask, **common)
+  return optax.chain(optax.clip_by_global_norm(MAX_GRAD_NORM), inner)
+
+
+def make_step(loss, tx):
+  def step(state, batch):
+    params, opt_state, key = state
+    key, dropout_key = jax.random.split(key)
+    value, grads = jax.value_and_grad(loss)(params, batch, dropout_key)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return (optax.apply_updates(params, updates), opt_state, key), value
+  return jax.jit(step, donate_argnums=0)
+
+
+def block(tree):
+  return jax.tree.map(lambda x: x.block_until_ready() if hasattr(x, "block_until_ready") else x,
+                      tree)
+
+
+def bench_config(size: str, dtype: str, mode: str, args) -> dict:
+  config = dataclasses.replace(SIZES[size], dtype=dtype)
+  model = EncoderForSequenceClassification(config)
+  batch = fake_batch(config, args.batch_size, args.seq_len)
+  init = lambda: model.init(jax.random.key(0), batch["input_ids"][:1])["params"]
+  loss = loss_fn(model)
+  tx = optimizer(mode, args.reserve_p)
+  if args.compile_only:
+    params = jax.eval_shape(init)
+    state = (params, jax.eval_shape(tx.init, params), jax.eval_shape(lambda: jax.random.key(0)))
+    batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), batch)
+  else:
+    params = jax.jit(init)()
+    state = (params, jax.jit(tx.init)(params), jax.random.key(0))
+    batch = jax.device_put(batch)
+  step = make_step(loss, tx)
+  start = time.perf_counter()
+  compiled = step.lower(state, batch).compile()
+  result = {"compile_s": time.perf_counter() - start}
+  if args.compile_only:
+    return result
+  for _ in range(2):  # warm-up
+    state, value = compiled(state, batch)
+  block(value)
+  times = []
+  for _ in range(args.steps):
+    start = time.perf_counter()
+    state, value = compiled(state, batch)
+    block(value)
+    times.append(time.perf_counter() - start)
+  result["step_s"] = statistics.median(times)
+  result["loss"] = float(value)
+  return result
+
+
+def bench_fisher(size: str, args) -> dict:
+  """The per-example Fisher over one batch (the library's row-sparse word embeddings)
+  against one batched forward + backward on the same batch, float32."""
+  config = SIZES[size]
+  model = EncoderForSequenceClassification(config)
+  batch = fake_batch(config, args.batch_size, args.seq_len)
+  params = jax.jit(lambda: model.init(jax.random.key(0), batch["input_ids"][:1])["params"])()
+
+  def loss(params, batch, row_offsets=None):
+    variables = {"params": params}
+    if row_offsets is not None:
+      variables["perturbations"] = model.perturbations(row_offsets)
+    logits = model.apply(variables, batch["input_ids"], batch["attention_mask"],
+                         batch["token_type_ids"], deterministic=True)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"]).mean()
+
+  lookups = {model.word_embeddings_path: "input_ids"}
+  batched = jax.jit(jax.grad(loss))
+  device_batch = jax.device_put(batch)
+  fns = {"batched_backward_s": lambda: block(batched(params, device_batch)),
+         "per_example_fisher_s": lambda: block(estimate_fisher(
+             loss, params, [batch], chunk_size=args.fisher_chunk, embedding_lookups=lookups))}
+  times = {name: [] for name in fns}
+  for rep in range(args.fisher_reps + 1):
+    for name, fn in fns.items():
+      start = time.perf_counter()
+      fn()
+      if rep:  # the first round compiles
+        times[name].append(time.perf_counter() - start)
+  result = {name: statistics.median(t) for name, t in times.items()}
+  result["ratio"] = result["per_example_fisher_s"] / result["batched_backward_s"]
+  return result
+
+
+def machine() -> dict:
+  device = jax.devices()[0]
+  name, peaks = chip_peak(device)
+  return {"backend": jax.default_backend(), "device": name, "devices": jax.device_count(),
+          "peak_tflops": None if peaks is None else dict(zip(DTYPES, peaks)),
+          "jax": jax.__version__, "optax": optax.__version__,
+          "python": platform.python_version(), "host_cores": os.cpu_count()}
+
+
+def render(results: dict) -> str:
+  m = results["machine"]
+  peaks = m["peak_tflops"]
+  lines = [f"Device: {m['device']} ({m['backend']}, JAX {m['jax']}); peak TFLOP/s "
+           + ("unknown" if peaks is None else
+              f"{peaks['float32']:.1f} float32 / {peaks['bfloat16']:.1f} bfloat16")
+           + f". Batch {results['batch_size']} × {results['seq_len']} tokens. "
+           f"Command: `{results['command']}` ({results['wall_s']:.0f} s).", ""]
+  rows = results["steps"]
+  if results["compile_only"]:
+    lines += ["| model | dtype | mode | compile | / vanilla |", "| --- | --- | --- | ---: | ---: |"]
+  else:
+    lines += ["| model | dtype | mode | compile | step | / vanilla | TFLOP/s | MFU |",
+              "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+  for row in rows:
+    base = next(r for r in rows if (r["size"], r["dtype"], r["mode"]) ==
+                (row["size"], row["dtype"], "vanilla"))
+    if results["compile_only"]:
+      lines.append(f"| {row['size']} | {row['dtype']} | {row['mode']} | {row['compile_s']:.1f} s "
+                   f"| {row['compile_s'] / base['compile_s']:.2f}× |")
+      continue
+    mfu = "–" if row["mfu"] is None else f"{row['mfu']:.1%}"
+    lines.append(f"| {row['size']} | {row['dtype']} | {row['mode']} | {row['compile_s']:.1f} s | "
+                 f"{row['step_s'] * 1e3:.1f} ms | {row['step_s'] / base['step_s']:.3f}× | "
+                 f"{row['tflops']:.3g} | {mfu} |")
+  if results.get("fisher"):
+    f = results["fisher"]
+    lines += ["", f"Per-example Fisher over {results['batch_size']} examples ({f['size']}, "
+              f"float32, chunks of {results['fisher_chunk']}): {f['per_example_fisher_s'] * 1e3:.0f} ms, "
+              f"{f['ratio']:.2f}× one batched backward ({f['batched_backward_s'] * 1e3:.0f} ms)."]
+  if results["left_out"]:
+    lines += ["", "Left out (past --budget_s): " + ", ".join(results["left_out"]) + "."]
+  return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--sizes", default="bert-base,bert-large",
+                      help=f"comma-separated, of {', '.join(SIZES)}")
+  parser.add_argument("--dtypes", default=",".join(DTYPES))
+  parser.add_argument("--modes", default=",".join(MODES))
+  parser.add_argument("--batch_size", type=int, default=32)
+  parser.add_argument("--seq_len", type=int, default=128)
+  parser.add_argument("--steps", type=int, default=10, help="timed steps per configuration")
+  parser.add_argument("--reserve_p", type=float, default=0.3)
+  parser.add_argument("--compile_only", action="store_true",
+                      help="compile times only, from shapes (no weights in memory)")
+  parser.add_argument("--fisher_size", default="bert-base",
+                      help="the model of the Fisher measurement ('none' to skip)")
+  parser.add_argument("--fisher_chunk", type=int, default=8)
+  parser.add_argument("--fisher_reps", type=int, default=3)
+  parser.add_argument("--budget_s", type=float, default=420.0,
+                      help="start no configuration after this many seconds")
+  parser.add_argument("--tiny", action="store_true",
+                      help="the tiny model, batch 4 x 32, 2 steps: a smoke run (CPU, seconds)")
+  parser.add_argument("--out", help="write the results as JSON here")
+  parser.add_argument("--benchmarks_md", action="store_true",
+                      help="also write the table into BENCHMARKS.md (its own section per backend "
+                      "and kind of run) and the JSON into bench/results/")
+  args = parser.parse_args(argv)
+  if args.tiny:
+    args.sizes, args.fisher_size, args.batch_size, args.seq_len = "tiny", "tiny", 4, 32
+    args.steps, args.fisher_reps, args.fisher_chunk = 2, 1, 2
+  sizes, dtypes, modes = (value.split(",") for value in (args.sizes, args.dtypes, args.modes))
+  for name, values, allowed in (("--sizes", sizes, SIZES), ("--dtypes", dtypes, DTYPES),
+                                ("--modes", modes, MODES)):
+    if unknown := [v for v in values if v not in allowed]:
+      parser.error(f"{name}: unknown {unknown}; choose from {list(allowed)}")
+  start = time.perf_counter()
+  results = {"machine": machine(), "batch_size": args.batch_size, "seq_len": args.seq_len,
+             "compile_only": args.compile_only, "fisher_chunk": args.fisher_chunk,
+             "command": "python3 bench/bench_accelerator.py " + " ".join(argv or sys.argv[1:]),
+             "steps": [], "left_out": []}
+  peaks = results["machine"]["peak_tflops"]
+  for size in sizes:
+    for dtype in dtypes:
+      for mode in modes:
+        name = f"{size}/{dtype}/{mode}"
+        if time.perf_counter() - start > args.budget_s:
+          results["left_out"].append(name)
+          continue
+        row = {"size": size, "dtype": dtype, "mode": mode,
+               **bench_config(size, dtype, mode, args)}
+        if not args.compile_only:
+          row["tflops"] = step_flops(SIZES[size], args.batch_size, args.seq_len) / row["step_s"] / 1e12
+          row["mfu"] = None if peaks is None else row["tflops"] / peaks[dtype]
+        results["steps"].append(row)
+        print(name, json.dumps({k: v for k, v in row.items() if k.endswith("_s") or k == "mfu"}),
+              flush=True)
+  if not args.compile_only and args.fisher_size != "none":
+    if time.perf_counter() - start > args.budget_s:
+      results["left_out"].append(f"{args.fisher_size}/fisher")
+    else:
+      results["fisher"] = {"size": args.fisher_size, **bench_fisher(args.fisher_size, args)}
+  results["wall_s"] = time.perf_counter() - start
+  section = render(results)
+  print(section)
+  if args.benchmarks_md:
+    from benchmarks_md import update_benchmarks_md  # bench/ is on the path when run as a script
+
+    kind = "compile" if args.compile_only else "steps"
+    name = f"bench_accelerator_{kind}"
+    title = ("Compile times of the training step" if args.compile_only
+             else "Accelerator benchmark: training step, MFU, Fisher")
+    update_benchmarks_md(section, results["machine"]["backend"], name=name, title=title)
+    args.out = args.out or str(ROOT / "bench" / "results" /
+                               f"accelerator_{kind}_{results['machine']['backend']}.json")
+  if args.out:
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
+  return results
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,65 @@
+"""bench/bench_accelerator.py --tiny: runs where Python has only jax, flax, optax and numpy
+(imports of the trainer, its extras or torch fail here), and writes what it prints."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# Run the script with the trainer's package and extras made unimportable, as on a machine
+# that has only JAX's stack.
+BLOCKED_RUN = """
+import runpy, sys
+BLOCKED = {"train", "transformers", "datasets", "orbax", "tqdm", "torch", "safetensors",
+           "matplotlib"}
+class Blocker:
+  def find_spec(self, name, path=None, target=None):
+    if name.split(".")[0] in BLOCKED:
+      raise ImportError(f"{name} is not installed on the accelerator machine")
+sys.meta_path.insert(0, Blocker())
+sys.argv = ["bench/bench_accelerator.py"] + sys.argv[1:]
+runpy.run_path("bench/bench_accelerator.py", run_name="__main__")
+"""
+
+
+def test_tiny_run_needs_only_jax_flax_optax_numpy(tmp_path):
+  out = tmp_path / "accelerator.json"
+  env = {**os.environ, "PYTHONPATH": str(ROOT)}
+  env.pop("XLA_FLAGS", None)  # one device, as the command line runs it
+  done = subprocess.run([sys.executable, "-c", BLOCKED_RUN, "--tiny", "--out", str(out)],
+                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert done.returncode == 0, done.stderr[-3000:]
+  results = json.loads(out.read_text())
+  rows = {(r["size"], r["dtype"], r["mode"]): r for r in results["steps"]}
+  assert set(rows) == {("tiny", dtype, mode) for dtype in ("float32", "bfloat16")
+                       for mode in ("vanilla", "CT-F", "CT-D")}
+  for row in rows.values():
+    assert row["compile_s"] > 0 and row["step_s"] > 0 and row["tflops"] > 0
+    assert 0 < row["mfu"] < 1  # against this CPU's estimated peak
+    assert 0 < row["loss"] < 5  # two classes: about log 2 at random init
+  assert results["fisher"]["per_example_fisher_s"] > 0 and results["fisher"]["ratio"] > 0
+  assert results["machine"]["backend"] == "cpu" and not results["left_out"]
+  assert "| tiny | bfloat16 | CT-F |" in done.stdout and "Per-example Fisher" in done.stdout
+
+
+def test_flops_count_and_peaks():
+  sys.path.insert(0, str(ROOT / "bench"))
+  import bench_accelerator as bench
+
+  base = bench.SIZES["bert-base"]
+  # 6 × (85M encoder matmul parameters + pooler + head) per token, plus attention.
+  matmul = 12 * (4 * 768 * 768 + 2 * 768 * 3072) + 768 * 768 + 768 * 2
+  assert bench.step_flops(base, 1, 128) == 6 * 128 * (matmul + 12 * 2 * 128 * 768)
+
+  class Device:
+    platform, device_kind = "gpu", "NVIDIA H100 PCIe"
+  assert bench.chip_peak(Device())[1] == bench.PEAK_TFLOPS["H100 PCIe"]
+  Device.device_kind = "NVIDIA H100 80GB HBM3"
+  assert bench.chip_peak(Device())[1] == bench.PEAK_TFLOPS["H100"]
+  Device.platform, Device.device_kind = "tpu", "TPU v5 lite"
+  assert bench.chip_peak(Device())[1] == bench.PEAK_TFLOPS["TPU v5 lite"]
+  Device.device_kind = "some future chip"
+  assert bench.chip_peak(Device())[1] is None
