@@ -390,7 +390,11 @@ def bench_fisher(config, reps):
 
 
 # glibc malloc settings of the host-memory workloads: {name: environment variables}.
-HOST_MEMORY_SETTINGS = {"glibc's defaults": {}, "childtuning_jax.cpu.MALLOC_ENV": MALLOC_ENV}
+HOST_MEMORY_SETTINGS = {
+    "glibc's defaults": {},
+    "childtuning_jax.cpu.MALLOC_ENV (one heap that keeps freed memory)": MALLOC_ENV,
+    "huge pages (GLIBC_TUNABLES=glibc.malloc.hugetlb=1 MALLOC_ARENA_MAX=1)": {
+        "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1", "MALLOC_ARENA_MAX": "1"}}
 
 
 FSDP_SIZES = (1, 2, 4, 8)
@@ -431,12 +435,68 @@ def fsdp_memory_workload():
   return json.dumps(rows)
 
 
+# name: (trainer mode, whether the step donates its state, steps dispatched before the
+# previous one finished: 0 (the trainer on CPU) or 1 (a loop that reads metrics late))
+RSS_STAGE_WORKLOADS = {"vanilla": ("vanilla", True, 0), "CT-F": ("CT-F", True, 0),
+                       "CT-F, state not donated": ("CT-F", False, 0),
+                       "CT-F, two steps in flight": ("CT-F", True, 1)}
+
+
+def rss_now():
+  status = Path("/proc/self/status").read_text()
+  read = lambda key: int(next(l.split()[1] for l in status.splitlines() if l.startswith(key))) / 1024
+  return {"rss_mib": read("VmRSS"), "peak_mib": read("VmHWM")}
+
+
+def rss_stages_workload(name):
+  """The process's resident set after each stage of a MiniLM-L6 training step's life
+  (imports before this function ran), and the compiled step's buffers."""
+  mode, donate, ahead = RSS_STAGE_WORKLOADS[name]
+  stages = {"imports": rss_now()}
+  model, params = init_params(MINILM_L6)
+  batch = jax.device_put(fake_batch(MINILM_L6))
+  tx = train_transforms(params)[mode]
+  stages["model and optimizer built"] = rss_now()
+  step = jax.jit(trainer.make_train_step(tx, trainer.task_loss(model, is_regression=False),
+                                         optax.constant_schedule(LR)),
+                 donate_argnums=0 if donate else ())
+  state = trainer.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                             opt_state=tx.init(params), dropout_key=jax.random.key(0))
+  compiled = step.lower(state, batch).compile()
+  stages["step compiled"] = rss_now()
+  previous = None
+  for i in range(3):
+    state, metrics = compiled(state, batch)
+    if ahead:  # wait for the step before this one only
+      previous, metrics = metrics, previous
+    if metrics is not None:
+      jax.block_until_ready(metrics)
+    stages[f"after step {i + 1}"] = rss_now()
+  jax.block_until_ready(state)
+  memory = compiled.memory_analysis()
+  return json.dumps({"stages": stages, "temp_mib": memory.temp_size_in_bytes / 2**20,
+                     "argument_mib": memory.argument_size_in_bytes / 2**20,
+                     "output_mib": memory.output_size_in_bytes / 2**20})
+
+
+def rss_stages():
+  """Each RSS_STAGE_WORKLOADS workload in a fresh process (with this script's MALLOC_ENV)."""
+  result = {}
+  for name in RSS_STAGE_WORKLOADS:
+    out = subprocess.run([sys.executable, __file__, "--workload", f"rss stages: {name}"],
+                         check=True, capture_output=True, text=True).stdout
+    result[name] = json.loads(out.strip().splitlines()[-1])
+  return result
+
+
 def run_workload(name):
   """Runs one workload in this process. Peak-memory workloads run twice and return the
   peak RSS in MiB; a host-memory workload returns the vanilla step's median time and
   minor page faults per step."""
   if name == "fsdp memory":
     return fsdp_memory_workload()
+  if name.startswith("rss stages: "):
+    return rss_stages_workload(name.removeprefix("rss stages: "))
   model, params = init_params(MINILM_L6)
   batch = fake_batch(MINILM_L6)
   if name in HOST_MEMORY_SETTINGS:
@@ -449,7 +509,8 @@ def run_workload(name):
       if i >= 2:
         times.append(time.perf_counter() - start)
         faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-    return json.dumps({"median_s": float(np.median(times)), "page_faults": float(np.median(faults))})
+    return json.dumps({"median_s": float(np.median(times)), "page_faults": float(np.median(faults)),
+                       "peak_mib": peak_rss_mib()})
   if name == "train step (CT-F)":
     step = trainer_step(model, train_transforms(params)["CT-F"], params, jax.device_put(batch),
                         jax.random.key(0))
@@ -547,7 +608,8 @@ def host_memory(reps):
   """The vanilla step in fresh processes, with glibc's defaults and with ``MALLOC_ENV``,
   alternating; {setting: {"median_s", "page_faults", "ratio", "ratio_95ci"}}."""
   runs = {name: [] for name in HOST_MEMORY_SETTINGS}
-  plain = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+  plain = {k: v for k, v in os.environ.items()
+           if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
   for _ in range(reps):
     for name, env in HOST_MEMORY_SETTINGS.items():
       out = subprocess.run([sys.executable, __file__, "--workload", name], check=True,
@@ -555,7 +617,8 @@ def host_memory(reps):
       runs[name].append(json.loads(out.strip().splitlines()[-1]))
   base = [r["median_s"] for r in runs[next(iter(HOST_MEMORY_SETTINGS))]]
   return {name: {**paired_ratio([r["median_s"] for r in rs], base),
-                 "page_faults": float(np.median([r["page_faults"] for r in rs]))}
+                 "page_faults": float(np.median([r["page_faults"] for r in rs])),
+                 "peak_mib": [r["peak_mib"] for r in rs]}
           for name, rs in runs.items()}
 
 
@@ -642,15 +705,18 @@ def render(results):
     lines.append("")
   if "host_memory" in results:
     lines += ["### Host memory: the vanilla step in a fresh process, with glibc's malloc "
-              "defaults and with `childtuning_jax.cpu.MALLOC_ENV`", "",
-              "| glibc malloc | median step | minor page faults per step | ratio | 95% interval |",
-              "| --- | ---: | ---: | ---: | ---: |"]
+              "defaults, with `childtuning_jax.cpu.MALLOC_ENV` and with huge pages", "",
+              "| glibc malloc | median step | minor page faults per step | ratio | 95% interval "
+              "| peak RSS of each process |",
+              "| --- | ---: | ---: | ---: | ---: | ---: |"]
     lines += [f"| {name} | {r['median_s'] * 1e3:.0f} ms | {r['page_faults']:,.0f} | {r['ratio']:.3f}× | "
-              f"{r['ratio_95ci'][0]:.3f}–{r['ratio_95ci'][1]:.3f} |"
-              for name, r in results["host_memory"].items()]
-    lines += ["", "Three processes per setting, alternating; each time is the median of five steps "
+              f"{r['ratio_95ci'][0]:.3f}–{r['ratio_95ci'][1]:.3f} | "
+              + (", ".join(f"{p:,.0f}" for p in r["peak_mib"]) + " MiB" if "peak_mib" in r else "–")
+              + " |" for name, r in results["host_memory"].items()]
+    lines += ["", f"{len(next(iter(results['host_memory'].values())).get('peak_mib', [])) or 3} "
+              "processes per setting, alternating; each time is the median of five steps "
               "after two warm-up steps. The other tables of this section were measured with "
-              "`MALLOC_ENV` (the script restarts itself with it).", ""]
+              "the `MALLOC_ENV` of their run (the script restarts itself with it).", ""]
   if "fsdp_memory" in results:
     rows = results["fsdp_memory"]
     lines += [f"### `--fsdp N`: per-device bytes of the trainer's compiled step, BERT-large "
@@ -661,6 +727,22 @@ def render(results):
       base = rows[name.rsplit(",", 1)[0] + ", --fsdp 1"]["argument_bytes"]
       lines.append(f"| {name} | {r['argument_bytes'] / 2**20:,.0f} MiB | "
                    f"{r['argument_bytes'] / base:.3f}× | {r['temp_bytes'] / 2**20:,.0f} MiB |")
+    lines.append("")
+  if "rss_stages" in results:
+    runs = results["rss_stages"]
+    names = list(runs)
+    lines += ["### Where a training process's memory goes: resident set after each stage "
+              "(MiniLM-L6 step, batch 32 × 128, a fresh process each, `MALLOC_ENV`)", "",
+              "| stage | " + " | ".join(names) + " |", "| --- |" + " ---: |" * len(names)]
+    for stage in runs[names[0]]["stages"]:
+      lines.append(f"| {stage} | " + " | ".join(
+          f"{runs[n]['stages'][stage]['rss_mib']:,.0f} MiB" for n in names) + " |")
+    lines.append("| peak (VmHWM) at the end | " + " | ".join(
+        f"{list(runs[n]['stages'].values())[-1]['peak_mib']:,.0f} MiB" for n in names) + " |")
+    for key, label in (("argument_mib", "compiled step: arguments"),
+                       ("output_mib", "compiled step: outputs"),
+                       ("temp_mib", "compiled step: temporaries (one block)")):
+      lines.append(f"| {label} | " + " | ".join(f"{runs[n][key]:,.0f} MiB" for n in names) + " |")
     lines.append("")
   mem = results["peak_memory_mib"]
   lines += ["### Peak memory (resident set of a process running only that workload, MiniLM-L6)", "",
@@ -697,8 +779,9 @@ def main():
                   ("optimizer_state_memory", optimizer_state_memory),
                   ("fisher_memory", fisher_memory),
                   ("peak_memory_mib", peak_memory),
-                  ("host_memory", lambda: host_memory(3)),
-                  ("fsdp_memory", fsdp_memory)):
+                  ("host_memory", lambda: host_memory(4)),
+                  ("fsdp_memory", fsdp_memory),
+                  ("rss_stages", rss_stages)):
     if args.only and key not in args.only.split(","):
       continue
     results[key] = fn()

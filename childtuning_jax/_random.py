@@ -4,9 +4,10 @@
 ``threefry2x32`` primitive's lowering makes several passes over them. Here a
 keep decision is Threefry-2x32 (written out round by round) of the entry's
 position, compared with a threshold: iotas and elementwise ops only, so the
-hash runs inside the consumer's loop (CT-F's masked AdamW update, a dropout's
-multiply), and under ``jit`` with sharded arrays every device draws the bits
-of its own shard with no collective, the same bits whatever the sharding.
+hash runs inside the consumer's loop (a dropout's multiply), and under ``jit``
+with sharded arrays every device draws the bits of its own shard with no
+collective, the same bits whatever the sharding. CT-F draws many leaves at
+once: :func:`bernoulli_per_shape` draws the leaves of one shape in one loop.
 """
 
 from __future__ import annotations

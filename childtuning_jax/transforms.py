@@ -68,7 +68,7 @@ def child_tuning_free(reserve_p: float | jax.Array,
     optax.chain(child_tuning_free(0.3, key=0), optax.adamw(2e-5))
 
   Each decision compares 32 random bits (Threefry-2x32 of the entry's
-  position, fused into the consumer's loop) with ``round(reserve_p * 2**32)``,
+  position; the leaves of one shape drawn in one loop) with ``round(reserve_p * 2**32)``,
   so the keep probability is within ``2**-33`` of ``reserve_p``. Kept entries
   are multiplied by ``1 / reserve_p`` rounded to the update's dtype, and the
   dtype is kept.

@@ -138,11 +138,12 @@ def train_loop(state, train_step, evaluate_params: Callable, train_arrays: dict,
   """Steps from ``state.step`` to ``steps.total``: logs every step, evaluates every
   ``--eval_steps``, saves every ``--save_steps`` and at the end.
 
-  A step's metrics are read after the next step is dispatched (so the device never waits
-  for the host). They are checked before the state they led to is saved: a non-finite loss
-  or gradient norm raises :class:`Diverged`, and nothing after the last good checkpoint is
-  saved. A stop signal is passed through the step to every process; all then finish the
-  step they are in, save it and raise :class:`Stopped`.
+  A step's metrics are read after the next step is dispatched (so an accelerator never
+  waits for the host; on the CPU each step finishes first). They are checked before the
+  state they led to is saved: a non-finite loss or gradient norm raises :class:`Diverged`,
+  and nothing after the last good checkpoint is saved. A stop signal is passed through the
+  step to every process; all then finish the step they are in, save it and raise
+  :class:`Stopped`.
   """
   start_step = int(state.step)
   bar = tqdm(total=steps.total, initial=start_step, desc="train", unit="step",
@@ -169,6 +170,10 @@ def train_loop(state, train_step, evaluate_params: Callable, train_arrays: dict,
 
   order_epoch, order = None, None
   pending = None  # the previous step's metrics, read after the next step is dispatched
+  # On the CPU the host computes the steps: a step dispatched while the previous one runs
+  # would only hold a second copy of the step's temporaries (BENCHMARKS.md, *Where a
+  # training process's memory goes*), so each step finishes before the next is dispatched.
+  one_step_at_a_time = jax.default_backend() == "cpu"
   stop = False
   signals.deferred = True
   try:
@@ -182,6 +187,8 @@ def train_loop(state, train_step, evaluate_params: Callable, train_arrays: dict,
       batch = input_pipeline.take(train_arrays, order[position])
       batch["stop_requested"] = np.full(steps.batch_size, signals.signum is not None, np.int32)
       state, metrics = train_step(state, input_pipeline.place(batch, run.data))
+      if one_step_at_a_time:
+        jax.block_until_ready(metrics)
       if pending is not None:
         stop |= finish(*pending)
       now = time.perf_counter()
