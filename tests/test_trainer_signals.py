@@ -61,8 +61,8 @@ def inside_the_step(monkeypatch, signum):
   # before the loop has the new state: where a handler that raised lost the state.
   compile_train_step, maybe_signal = trainer.compile_train_step, signal_on_call(5, signum)
 
-  def compile_then_signal(step_fn, run):
-    compiled = compile_train_step(step_fn, run)
+  def compile_then_signal(step_fn, run, state):
+    compiled = compile_train_step(step_fn, run, state)
 
     def step(state, batch):
       result = compiled(state, batch)

@@ -71,7 +71,8 @@ class ModelArguments:
       False, "Mixed precision: matmuls, activations and the residual stream in bfloat16; the "
       "parameters, gradients, optimizer state (so CT-D's frozen weights stay bit-identical), "
       "LayerNorm statistics, attention softmax and loss in float32 (EncoderConfig dtype). "
-      "Fast on GPUs/TPUs and on CPUs with AVX-512 BF16 (BENCHMARKS.md).")
+      "For GPUs and TPUs; on this project's CPU it measured slower than float32 "
+      "(BENCHMARKS.md, accelerator benchmark).")
 
   def __post_init__(self):
     check_ranges(self)
