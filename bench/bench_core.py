@@ -40,6 +40,7 @@ from childtuning_jax.models import (EncoderConfig, EncoderForSequenceClassificat
 from childtuning_jax.models.matmul import matmul  # noqa: E402
 from train import trainer  # noqa: E402
 from train.arguments import TrainingArguments  # noqa: E402
+import bench_accelerator  # noqa: E402 (one fake batch for both scripts)
 from benchmarks_md import update_benchmarks_md  # noqa: E402
 
 BATCH, SEQ_LEN, RESERVE_P, LR = 32, 128, 0.3, 2e-5
@@ -150,12 +151,7 @@ def alternating_medians(fns, reps):
 
 
 def fake_batch(config, seed=0):
-  rng = np.random.default_rng(seed)
-  lengths = rng.integers(SEQ_LEN // 2, SEQ_LEN + 1, BATCH)
-  return {"input_ids": rng.integers(1, config.vocab_size, (BATCH, SEQ_LEN)).astype(np.int32),
-          "attention_mask": (np.arange(SEQ_LEN)[None] < lengths[:, None]).astype(np.int32),
-          "token_type_ids": np.zeros((BATCH, SEQ_LEN), np.int32),
-          "labels": rng.integers(0, config.num_labels, BATCH).astype(np.int32)}
+  return bench_accelerator.fake_batch(config, BATCH, SEQ_LEN, seed)
 
 
 def bench_update(config, reps):
