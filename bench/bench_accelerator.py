@@ -34,6 +34,7 @@ import sys
 import time
 from pathlib import Path
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -58,6 +59,7 @@ SIZES = {
 MODES = ("vanilla", "CT-F", "CT-D")
 DTYPES = ("float32", "bfloat16")
 LEARNING_RATE, WEIGHT_DECAY, MAX_GRAD_NORM = 2e-5, 0.01, 1.0
+CPU_MATMUL_N, ACCELERATOR_MATMUL_N = 2048, 8192  # the measured matmul ceiling's size
 
 # Dense peak TFLOP/s per chip: (float32 matmuls at JAX's default precision, bfloat16).
 # JAX's default precision runs float32 matmuls as TF32 on NVIDIA GPUs since Ampere and
@@ -76,18 +78,19 @@ PEAK_TFLOPS = {
 }
 
 
-def cpu_peak_tflops(n: int = 2048, reps: int = 5) -> tuple[float, float]:
-  """This CPU's estimate: the best rate of an n × n × n matmul through XLA, float32 and
-  bfloat16 (a data-sheet peak depends on clocks and vector units a VM does not report)."""
+def matmul_tflops(n: int, reps: int = 5) -> tuple[float, float]:
+  """The best rate of an n × n × n matmul through XLA on random data, float32 (at JAX's
+  default precision) and bfloat16: the ceiling this machine shows, beside the data sheet's
+  (on a CPU, whose clocks and vector units a VM does not report, the only estimate)."""
   rates = []
   for dtype in (jnp.float32, jnp.bfloat16):
-    a = jnp.ones((n, n), dtype)
+    a, b = (jax.random.normal(jax.random.key(seed), (n, n), dtype) for seed in (0, 1))
     matmul = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32))
-    matmul(a, a).block_until_ready()
+    matmul(a, b).block_until_ready()
     best = float("inf")
     for _ in range(reps):
       start = time.perf_counter()
-      matmul(a, a).block_until_ready()
+      matmul(a, b).block_until_ready()
       best = min(best, time.perf_counter() - start)
     rates.append(2 * n**3 / best / 1e12)
   return rates[0], rates[1]
@@ -97,8 +100,8 @@ def chip_peak(device) -> tuple[str, tuple[float, float] | None]:
   """(name, (float32, bfloat16) peak TFLOP/s) of ``device``; None where unknown."""
   kind = getattr(device, "device_kind", "") or device.platform
   if device.platform == "cpu":
-    return (f"CPU ({platform.processor() or kind}); peak: the rate of a 2048² matmul",
-            cpu_peak_tflops())
+    return (f"CPU ({platform.processor() or kind}); peak: the rate of a {CPU_MATMUL_N}² matmul",
+            matmul_tflops(CPU_MATMUL_N))
   for name, peaks in PEAK_TFLOPS.items():  # the first match: "H100 PCIe" before "H100"
     if name.lower() in kind.lower():
       return kind, peaks
@@ -183,18 +186,25 @@ def bench_config(size: str, dtype: str, mode: str, args) -> dict:
   start = time.perf_counter()
   compiled = step.lower(state, batch).compile()
   result = {"compile_s": time.perf_counter() - start}
+  memory = compiled.memory_analysis()
+  if memory is not None:  # what the step needs beyond its arguments (backend's own count)
+    result["temp_mib"] = memory.temp_size_in_bytes / 2**20
   if args.compile_only:
     return result
   for _ in range(2):  # warm-up
     state, value = compiled(state, batch)
   block(value)
-  times = []
-  for _ in range(args.steps):
+  # Rounds of back-to-back steps, as a training loop dispatches them (an accelerator queues
+  # the next step while one runs); a round's mean per step, the median over rounds.
+  rounds = []
+  for _ in range(args.rounds):
     start = time.perf_counter()
-    state, value = compiled(state, batch)
-    block(value)
-    times.append(time.perf_counter() - start)
-  result["step_s"] = statistics.median(times)
+    for _ in range(args.steps):
+      state, value = compiled(state, batch)
+    block((state, value))
+    rounds.append((time.perf_counter() - start) / args.steps)
+  result["step_s"] = statistics.median(rounds)
+  result["round_step_s"] = rounds
   result["loss"] = float(value)
   return result
 
@@ -236,9 +246,11 @@ def bench_fisher(size: str, args) -> dict:
 def machine() -> dict:
   device = jax.devices()[0]
   name, peaks = chip_peak(device)
+  measured = peaks if device.platform == "cpu" else matmul_tflops(ACCELERATOR_MATMUL_N)
   return {"backend": jax.default_backend(), "device": name, "devices": jax.device_count(),
           "peak_tflops": None if peaks is None else dict(zip(DTYPES, peaks)),
-          "jax": jax.__version__, "optax": optax.__version__,
+          "matmul_tflops": dict(zip(DTYPES, measured)),
+          "jax": jax.__version__, "flax": flax.__version__, "optax": optax.__version__,
           "python": platform.python_version(), "host_cores": os.cpu_count()}
 
 
@@ -248,6 +260,9 @@ def render(results: dict) -> str:
   lines = [f"Device: {m['device']} ({m['backend']}, JAX {m['jax']}); peak TFLOP/s "
            + ("unknown" if peaks is None else
               f"{peaks['float32']:.1f} float32 / {peaks['bfloat16']:.1f} bfloat16")
+           + ("" if m["backend"] == "cpu" else
+              f" (measured: {m['matmul_tflops']['float32']:.1f} / "
+              f"{m['matmul_tflops']['bfloat16']:.1f} on an {ACCELERATOR_MATMUL_N}² matmul)")
            + f". Batch {results['batch_size']} × {results['seq_len']} tokens. "
            f"Command: `{results['command']}` ({results['wall_s']:.0f} s).", ""]
   rows = results["steps"]
@@ -257,15 +272,16 @@ def render(results: dict) -> str:
     lines += ["| model | dtype | mode | compile | step | / vanilla | TFLOP/s | MFU |",
               "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |"]
   for row in rows:
-    base = next(r for r in rows if (r["size"], r["dtype"], r["mode"]) ==
-                (row["size"], row["dtype"], "vanilla"))
+    base = next((r for r in rows if (r["size"], r["dtype"], r["mode"]) ==
+                 (row["size"], row["dtype"], "vanilla")), None)
+    ratio = lambda key, digits: "–" if base is None else f"{row[key] / base[key]:.{digits}f}×"
     if results["compile_only"]:
       lines.append(f"| {row['size']} | {row['dtype']} | {row['mode']} | {row['compile_s']:.1f} s "
-                   f"| {row['compile_s'] / base['compile_s']:.2f}× |")
+                   f"| {ratio('compile_s', 2)} |")
       continue
     mfu = "–" if row["mfu"] is None else f"{row['mfu']:.1%}"
     lines.append(f"| {row['size']} | {row['dtype']} | {row['mode']} | {row['compile_s']:.1f} s | "
-                 f"{row['step_s'] * 1e3:.1f} ms | {row['step_s'] / base['step_s']:.3f}× | "
+                 f"{row['step_s'] * 1e3:.1f} ms | {ratio('step_s', 3)} | "
                  f"{row['tflops']:.3g} | {mfu} |")
   if results.get("fisher"):
     f = results["fisher"]
@@ -286,7 +302,9 @@ def main(argv=None):
   parser.add_argument("--modes", default=",".join(MODES))
   parser.add_argument("--batch_size", type=int, default=32)
   parser.add_argument("--seq_len", type=int, default=128)
-  parser.add_argument("--steps", type=int, default=10, help="timed steps per configuration")
+  parser.add_argument("--steps", type=int, default=10, help="steps per timed round")
+  parser.add_argument("--rounds", type=int, default=3,
+                      help="timed rounds per configuration (the step time is their median)")
   parser.add_argument("--reserve_p", type=float, default=0.3)
   parser.add_argument("--compile_only", action="store_true",
                       help="compile times only, from shapes (no weights in memory)")
@@ -305,12 +323,15 @@ def main(argv=None):
   args = parser.parse_args(argv)
   if args.tiny:
     args.sizes, args.fisher_size, args.batch_size, args.seq_len = "tiny", "tiny", 4, 32
-    args.steps, args.fisher_reps, args.fisher_chunk = 2, 1, 2
+    args.steps, args.rounds, args.fisher_reps, args.fisher_chunk = 2, 1, 1, 2
   sizes, dtypes, modes = (value.split(",") for value in (args.sizes, args.dtypes, args.modes))
   for name, values, allowed in (("--sizes", sizes, SIZES), ("--dtypes", dtypes, DTYPES),
                                 ("--modes", modes, MODES)):
     if unknown := [v for v in values if v not in allowed]:
       parser.error(f"{name}: unknown {unknown}; choose from {list(allowed)}")
+  kind = "compile" if args.compile_only else "steps"
+  if args.benchmarks_md and not args.out:
+    args.out = str(ROOT / "bench" / "results" / f"accelerator_{kind}_{jax.default_backend()}.json")
   start = time.perf_counter()
   results = {"machine": machine(), "batch_size": args.batch_size, "seq_len": args.seq_len,
              "compile_only": args.compile_only, "fisher_chunk": args.fisher_chunk,
@@ -332,6 +353,7 @@ def main(argv=None):
         results["steps"].append(row)
         print(name, json.dumps({k: v for k, v in row.items() if k.endswith("_s") or k == "mfu"}),
               flush=True)
+        write_json(results, args.out)  # so far: a run stopped later keeps what it measured
   if not args.compile_only and args.fisher_size != "none":
     if time.perf_counter() - start > args.budget_s:
       results["left_out"].append(f"{args.fisher_size}/fisher")
@@ -343,17 +365,18 @@ def main(argv=None):
   if args.benchmarks_md:
     from benchmarks_md import update_benchmarks_md  # bench/ is on the path when run as a script
 
-    kind = "compile" if args.compile_only else "steps"
     name = f"bench_accelerator_{kind}"
     title = ("Compile times of the training step" if args.compile_only
              else "Accelerator benchmark: training step, MFU, Fisher")
     update_benchmarks_md(section, results["machine"]["backend"], name=name, title=title)
-    args.out = args.out or str(ROOT / "bench" / "results" /
-                               f"accelerator_{kind}_{results['machine']['backend']}.json")
-  if args.out:
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
+  write_json(results, args.out)
   return results
+
+
+def write_json(results: dict, path: str | None):
+  if path:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(results, indent=1) + "\n")
 
 
 if __name__ == "__main__":
