@@ -113,6 +113,14 @@ def test_base_model_checkpoint_gets_a_fresh_head_and_reports_it(tmp_path):
       params["bert"]["encoder"]["layer_1"]["attention"]["self"]["query"]["kernel"],
       base.encoder.layer[1].attention.self.query.weight.detach().numpy().T)
   assert params["classifier"]["kernel"].shape == (32, 4)
+  # The fresh head is a whole model.init's with the same seed (only the head is computed),
+  # a normal(0.02) draw, and seeded.
+  whole = jax.jit(model.init)(jax.random.key(5), jnp.zeros((1, 8), jnp.int32))["params"]
+  _, reseeded = load_pretrained(tmp_path, 4, seed=5)
+  np.testing.assert_array_equal(reseeded["classifier"]["kernel"], whole["classifier"]["kernel"])
+  np.testing.assert_array_equal(reseeded["classifier"]["bias"], np.zeros(4))
+  assert 0.01 < float(jnp.std(reseeded["classifier"]["kernel"])) < 0.03
+  assert not np.array_equal(reseeded["classifier"]["kernel"], params["classifier"]["kernel"])
 
 
 def test_head_for_another_label_count_is_reinitialised(tmp_path):

@@ -17,7 +17,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -82,8 +82,9 @@ def load_pretrained(
   config = load_config(directory, num_labels, **config_overrides)
   model = EncoderForSequenceClassification(config)
   ids = jnp.zeros((1, 8), jnp.int32)
-  initial = jax.jit(model.init)(jax.random.key(seed), ids)["params"]
-  params, info = assign_checkpoint(initial, read_tensors(directory), config.model_type)
+  shapes = jax.eval_shape(model.init, jax.random.key(seed), ids)["params"]
+  params, info = assign_checkpoint(shapes, read_tensors(directory), config.model_type,
+                                   lambda paths: initial_values(model, seed, ids, paths))
   for kind, keys in info.items():
     if keys:
       logger.warning("%s: %d %s: %s", directory, len(keys), kind.replace("_", " "),
@@ -250,9 +251,12 @@ def _to_numpy(tensor: Any) -> np.ndarray:
   return array.astype(np.float32) if jnp.issubdtype(array.dtype, jnp.floating) else array
 
 
-def assign_checkpoint(params: Any, tensors: dict[str, np.ndarray], model_type: str):
-  """Copies checkpoint tensors into ``params`` by name; returns ``(params, info)``."""
-  target = traverse_util.flatten_dict(jax.tree.map(np.asarray, params), sep="/")
+def assign_checkpoint(shapes: Any, tensors: dict[str, np.ndarray], model_type: str,
+                      initial: Callable[[list[str]], dict[str, Any]]):
+  """Parameters shaped as ``shapes`` (a tree of ``jax.ShapeDtypeStruct``) from the checkpoint's
+  tensors by name, the entries it lacks from ``initial(paths)`` (``{path: array}``); returns
+  ``(params, info)``."""
+  target = traverse_util.flatten_dict(shapes, sep="/")
   base_prefix = model_type + "."
   has_prefix = any(name.startswith(base_prefix) for name in tensors)
   filled: dict[str, np.ndarray] = {}
@@ -274,10 +278,21 @@ def assign_checkpoint(params: Any, tensors: dict[str, np.ndarray], model_type: s
                        f"{target[path].shape} (transposed for a kernel).")
     filled[path] = value.astype(target[path].dtype)
   missing = [path for path in target if path not in filled]
-  merged = {path: filled.get(path, initial) for path, initial in target.items()}
+  merged = {**filled, **(initial(missing) if missing else {})}
   params = jax.tree.map(jnp.asarray, traverse_util.unflatten_dict(merged, sep="/"))
   return params, {"missing_keys": missing, "unexpected_keys": sorted(unexpected),
                   "mismatched_keys": mismatched}
+
+
+def initial_values(model, seed: int, ids, paths: list[str]) -> dict[str, jax.Array]:
+  """``model.init``'s values at ``paths`` (``a/b/kernel``) alone, the same as a whole init's
+  (Flax derives each module's key from its path): under ``jit`` the other initializers are
+  pruned before compilation. Compiling a whole BERT-base init took 3 min on an H100
+  (BENCHMARKS.md, accelerator benchmark); the head's compiles in well under a second."""
+  def init(key):
+    flat = traverse_util.flatten_dict(model.init(key, ids)["params"], sep="/")
+    return {path: flat[path] for path in paths}
+  return jax.jit(init)(jax.random.key(seed))
 
 
 def _flax_path(name: str, target: dict[str, Any]) -> str | None:
