@@ -17,6 +17,7 @@ import contextlib
 import json
 import os
 import platform
+import statistics
 import resource
 import subprocess
 import sys
@@ -37,6 +38,7 @@ from childtuning_jax import (_random, child_tuning_adamw, child_tuning_driven,  
 from childtuning_jax.cpu import MALLOC_ENV, restart_keeping_freed_memory  # noqa: E402
 from childtuning_jax.models import (EncoderConfig, EncoderForSequenceClassification,  # noqa: E402
                                     encoder)
+from childtuning_jax.models import loading  # noqa: E402
 from childtuning_jax.models.matmul import matmul  # noqa: E402
 from train import trainer  # noqa: E402
 from train.arguments import TrainingArguments  # noqa: E402
@@ -564,6 +566,27 @@ def optimizer_state_memory():
   return result
 
 
+def init_compile():
+  """Compile time (lower + compile, median of 3) and fused kernels of a whole random
+  ``model.init`` against the head's alone (what ``load_pretrained`` compiles)."""
+  ids = jnp.zeros((1, 8), jnp.int32)
+  rows = {}
+  for config_name, config in (("BERT-base", BERT_BASE), ("BERT-large", BERT_LARGE)):
+    model = EncoderForSequenceClassification(config)
+    head = ["classifier/kernel", "classifier/bias"]
+    for label, fn in (("whole model.init", lambda key: model.init(key, ids)),
+                      ("head only (load_pretrained)", loading.init_only(model, ids, head))):
+      times = []
+      for _ in range(3):
+        jax.clear_caches()  # else the second compile is a cache hit
+        start = time.perf_counter()
+        compiled = jax.jit(fn).lower(jax.random.key(0)).compile()
+        times.append(time.perf_counter() - start)
+      rows[f"{config_name}, {label}"] = {"compile_s": statistics.median(times),
+                                         "fusions": compiled.as_text().count(" fusion(")}
+  return rows
+
+
 def fisher_memory():
   """Compiled temporary bytes of one per-example Fisher chunk (``memory_analysis``), with
   the word embeddings' gradients dense and with ``embedding_lookups``."""
@@ -699,6 +722,13 @@ def render(results):
               f"{r['chunk'] * r['parameters'] * 4 / 2**30:.2f} GiB |"
               for name, r in results["fisher_memory"].items()]
     lines.append("")
+  if "init_compile" in results:
+    lines += ["### Compiling a random initialisation: the whole model's against the head's "
+              "alone (lower + compile, median of 3)", "",
+              "| init | compile | fused kernels |", "| --- | ---: | ---: |"]
+    lines += [f"| {name} | {r['compile_s']:.2f} s | {r['fusions']:,} |"
+              for name, r in results["init_compile"].items()]
+    lines.append("")
   if "host_memory" in results:
     lines += ["### Host memory: the vanilla step in a fresh process, with glibc's malloc "
               "defaults, with `childtuning_jax.cpu.MALLOC_ENV` and with huge pages", "",
@@ -774,6 +804,7 @@ def main():
                   ("fisher", lambda: bench_fisher(MINILM_L6, max(3, reps // 2))),
                   ("optimizer_state_memory", optimizer_state_memory),
                   ("fisher_memory", fisher_memory),
+                  ("init_compile", init_compile),
                   ("peak_memory_mib", peak_memory),
                   ("host_memory", lambda: host_memory(4)),
                   ("fsdp_memory", fsdp_memory),

@@ -287,12 +287,17 @@ def assign_checkpoint(shapes: Any, tensors: dict[str, np.ndarray], model_type: s
 def initial_values(model, seed: int, ids, paths: list[str]) -> dict[str, jax.Array]:
   """``model.init``'s values at ``paths`` (``a/b/kernel``) alone, the same as a whole init's
   (Flax derives each module's key from its path): under ``jit`` the other initializers are
-  pruned before compilation. Compiling a whole BERT-base init took 3 min on an H100
-  (BENCHMARKS.md, accelerator benchmark); the head's compiles in well under a second."""
+  pruned before compilation. A whole BERT-base init took 3 min to compile on an H100
+  (BENCHMARKS.md, accelerator benchmark); compile times on the CPU: bench_core.py."""
+  return jax.jit(init_only(model, ids, paths))(jax.random.key(seed))
+
+
+def init_only(model, ids, paths: list[str]) -> Callable[[jax.Array], dict[str, jax.Array]]:
+  """``key -> {path: value}``: ``model.init``'s values at ``paths`` (to be jitted)."""
   def init(key):
     flat = traverse_util.flatten_dict(model.init(key, ids)["params"], sep="/")
     return {path: flat[path] for path in paths}
-  return jax.jit(init)(jax.random.key(seed))
+  return init
 
 
 def _flax_path(name: str, target: dict[str, Any]) -> str | None:
