@@ -20,7 +20,7 @@ pytest.importorskip("matplotlib")
 
 import tiny_run  # noqa: E402
 from train import arguments, run_glue  # noqa: E402
-from train.experiments import cells, cli, launcher, probe, report  # noqa: E402
+from train.experiments import cells, cli, launcher, probe, protocol, report  # noqa: E402
 
 REAL_RUN_TRAINER = launcher.run_trainer  # the campaign fixture runs the trainer in-process
 
@@ -261,3 +261,67 @@ def test_report_regenerates_the_same_tables_from_the_runs(campaign):
   assert not calls  # every run was finished
   assert {p.name: p.read_bytes() for p in results.iterdir() if p.suffix in (".md", ".csv")} == first
   assert set(first) >= {"methods.md", "ablations.csv", "domain.md", "layers.csv"}
+
+
+def test_protocol_chooses_each_rate_on_the_dev_split_and_reports_fresh_seeds(campaign, monkeypatch):
+  tmp_path, argv, calls = campaign
+  grid = cells.Protocol(studies=(cells.Study("minilm", ("rotten_tomatoes",), (80,),
+                                              ("vanilla", "ct_d_0.3"), (3e-4, 1e-3, 3e-3)),),
+                        selection_seeds=(0,), final_seeds=(100,),
+                        headline=("minilm", "rotten_tomatoes", 80), headline_seeds=(100, 101),
+                        dev_size=40, max_rate_steps=1)
+  monkeypatch.setattr(cells, "PROTOCOL", grid)
+  argv = [*argv, "--per_device_train_batch_size", "4"]  # 80 examples: batches of 4 x 8 devices
+  cli.main(["protocol", *argv])
+  splits = tmp_path / "root" / "protocol" / "splits" / "rotten_tomatoes"
+  pool, dev = (splits / "pool.csv").read_text(), (splits / "dev.csv").read_text()
+  assert len(dev.splitlines()) == 41 and len(pool.splitlines()) == 161  # 200 rows, carved
+
+  def flag(call, name):
+    return call[call.index(name) + 1]
+  select = [c for c in calls if "/select/" in flag(c, "--output_dir")]
+  final = [c for c in calls if "/final/" in flag(c, "--output_dir")]
+  assert len(select) + len(final) == len(calls)
+  # Selection trains on the pool and scores on the dev split; finals score on the untouched
+  # validation set, with seeds no selection run used.
+  assert {flag(c, "--train_file") for c in calls} == {str(splits / "pool.csv")}
+  assert {flag(c, "--validation_file") for c in select} == {str(splits / "dev.csv")}
+  assert {flag(c, "--validation_file") for c in final} == {
+      str(tmp_path / "data" / "rotten_tomatoes" / "validation.csv")}
+  assert {flag(c, "--seed") for c in select} == {"0"}
+  assert {flag(c, "--max_train_samples") for c in calls} == {"80"}
+
+  with open(tmp_path / "results" / "protocol.csv") as file:
+    rows = {row["cell"]: row for row in csv.DictReader(file)}
+  finals = {}
+  for cell in ("vanilla", "ct_d_0.3"):
+    tried = report.protocol_rates(cells.Setting(tmp_path / "root", tmp_path / "data"),
+                                  "minilm", "rotten_tomatoes", 80, cell)
+    dev_scores = {}
+    for rate in tried:
+      runs = [c for c in select if f"/{cell}/" in flag(c, "--output_dir")
+              and float(flag(c, "--learning_rate")) == rate]
+      assert len(runs) == 1
+      dev_scores[rate] = [json.loads((Path(flag(c, "--output_dir")) / "all_results.json")
+                                     .read_text())["eval_accuracy"] for c in runs]
+    choice = protocol.choose_rate(dev_scores)
+    # The grid grew by one step only where the first three rates did not bracket the best.
+    first = protocol.choose_rate({rate: dev_scores[rate] for rate in (3e-4, 1e-3, 3e-3)})
+    assert len(tried) == (3 if first.bracketed else 4)
+    assert float(rows[cell]["rate"]) == choice.rate
+    runs = [c for c in final if f"/{cell}/" in flag(c, "--output_dir")]
+    assert {float(flag(c, "--learning_rate")) for c in runs} == {choice.rate}
+    assert sorted(flag(c, "--seed") for c in runs) == ["100", "101"]  # the headline's seeds
+    finals[cell] = {int(flag(c, "--seed")): json.loads(
+        (Path(flag(c, "--output_dir")) / "all_results.json").read_text())["eval_accuracy"]
+        for c in runs}
+  differences = [finals["ct_d_0.3"][s] - finals["vanilla"][s] for s in (100, 101)]
+  assert float(rows["ct_d_0.3"]["delta"]) == pytest.approx(np.mean(differences))
+  assert float(rows["ct_d_0.3"]["delta_low"]) <= np.mean(differences) <= float(
+      rows["ct_d_0.3"]["delta_high"])
+  assert float(rows["vanilla"]["mean"]) == pytest.approx(100 * np.mean(list(finals["vanilla"].values())))
+  assert (tmp_path / "results" / "protocol.png").read_bytes()[:4] == b"\x89PNG"
+  # Nothing reruns: every run is finished.
+  calls.clear()
+  cli.main(["protocol", *argv])
+  assert not calls

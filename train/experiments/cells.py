@@ -54,6 +54,9 @@ CELLS = {cell.name: cell for cell in [
     Cell("top_k", "Top-K (K=3 of 6)", {"mode": "vanilla", "top_k_layers": 3}),
     Cell("mixout", "Mixout (p=0.3)", {"mode": "vanilla", "mixout_p": 0.3}),
     Cell("recadam", "RecAdam (k=0.1, t0=50)", {"mode": "vanilla", "recadam_k": 0.1, "recadam_t0": 50}),
+    # The protocol's RecAdam: a pull of learning rate x strength below 1 over its whole rate grid.
+    Cell("recadam_1000", "RecAdam (k=0.1, t0=50, strength 1000)",
+         {"mode": "vanilla", "recadam_k": 0.1, "recadam_t0": 50, "recadam_strength": 1000.0}),
     Cell("r3f", "R3F (σ=0.1, normal)", {"mode": "vanilla", "r3f_sigma": 0.1}),
     _ct_d(0.3, name="ct_d_r3f", label="CT-D (p=0.3) + R3F (σ=0.1)", r3f_sigma=0.1),
     _ct_d(0.3, name="ct_d_random", label="Random (p=0.3)", child_network="random"),
@@ -69,6 +72,7 @@ EXPERIMENT_CELLS = {
     "probe": ["vanilla", "ct_f_0.3", "ct_d_0.3"],
     "layers": ["ct_d_0.1", "ct_d_0.2", "ct_d_0.3"],
     "overlap": [],
+    "protocol": [],  # its own grid: PROTOCOL
 }
 
 # Figure 3: name -> (training file under data_dir, seed); each a CT-D child network (p=0.3)
@@ -83,6 +87,93 @@ OVERLAP_TASKS = {
     "Tweets": ("vader/tweets_binary.csv", 0),
 }
 OVERLAP_P = 0.3
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+  """A data set of the protocol experiment: CSV files under the data directory
+  (``train.prepare_data``'s), the tokens its examples need, and the column whose equal
+  values must stay on one side of the dev split (a claim with several evidence pairs)."""
+
+  name: str
+  label: str
+  train: str
+  validation: str
+  max_seq_length: int
+  group_by: str | None = None
+
+
+TASKS = {task.name: task for task in [
+    Task("rotten_tomatoes", "Rotten Tomatoes (sentiment)", TRAIN, VALIDATION, 48),
+    Task("epistemic_reasoning", "Epistemic reasoning (entailment, pairs)",
+         "epistemic_reasoning/train.csv", "epistemic_reasoning/validation.csv", 128),
+    Task("vitaminc", "VitaminC (fact verification, pairs, 3 classes)", "vitaminc/train.csv",
+         "vitaminc/validation.csv", 128, group_by="sentence2"),
+]}
+
+
+# The protocol's models: the embedded all-MiniLM-L6-v2 (None: the trainer's default), and
+# all-mpnet-base-v2 as `python -m train.prepare_data --mpnet` writes it under the data directory.
+MODELS = {"minilm": None, "mpnet": "models/all-mpnet-base-v2"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Study:
+  """A block of the protocol's grid: a model, its tasks, training-set sizes and methods, and
+  the learning rates its selection starts from."""
+
+  model: str
+  tasks: tuple[str, ...]
+  sizes: tuple[int, ...]
+  cells: tuple[str, ...]
+  rates: tuple[float, ...]
+
+
+HEADLINE_CELLS = ("vanilla", "ct_f_0.3", "ct_d_0.3")
+PRIOR_CELLS = ("weight_decay", "top_k", "mixout", "recadam_1000", "r3f")
+
+
+@dataclasses.dataclass(frozen=True)
+class Protocol:
+  """The protocol experiment's grid (issue 18): for every study's model, task, training-set
+  size and method, each learning rate runs ``selection_seeds`` on the dev split carved out of
+  the training data; the rate with the best mean dev score is taken (the grid is extended by
+  a step where that rate is at its end, ``max_rate_steps`` times at most), and then
+  ``final_seeds`` (``headline_seeds`` at ``headline``) run at that rate and are scored on the
+  untouched validation set."""
+
+  studies: tuple[Study, ...] = (
+      Study("minilm", ("rotten_tomatoes", "epistemic_reasoning", "vitaminc"), (300, 1000),
+            HEADLINE_CELLS, (3e-5, 1e-4, 3e-4)),
+      Study("minilm", ("rotten_tomatoes",), (1000,), PRIOR_CELLS, (3e-5, 1e-4, 3e-4)),
+      # MPNet was trained on NLI and paraphrase data: sentiment only.
+      Study("mpnet", ("rotten_tomatoes",), (300,), HEADLINE_CELLS, (1e-5, 3e-5, 1e-4)),
+  )
+  selection_seeds: tuple[int, ...] = (0, 1, 2)
+  final_seeds: tuple[int, ...] = tuple(range(100, 105))
+  headline: tuple[str, str, int] = ("minilm", "rotten_tomatoes", 1000)
+  headline_seeds: tuple[int, ...] = tuple(range(100, 110))
+  dev_size: int = 300
+  max_rate_steps: int = 2
+
+  def keys(self) -> list[tuple[str, str, int, str]]:
+    """Every (model, task, size, cell), in the studies' order."""
+    return list(dict.fromkeys((study.model, task, size, cell) for study in self.studies
+                              for task in study.tasks for size in study.sizes
+                              for cell in study.cells))
+
+  def rates_of(self, model: str, task: str, size: int, cell: str) -> tuple[float, ...]:
+    return next(study.rates for study in self.studies if study.model == model
+                and task in study.tasks and size in study.sizes and cell in study.cells)
+
+  def tasks(self) -> list[str]:
+    return list(dict.fromkeys(task for study in self.studies for task in study.tasks))
+
+  def seeds_of_final(self, model: str, task: str, size: int) -> tuple[int, ...]:
+    return self.headline_seeds if (model, task, size) == self.headline else self.final_seeds
+
+
+PROTOCOL = Protocol()
 
 
 @dataclasses.dataclass
@@ -108,6 +199,15 @@ class Setting:
   def run_dir(self, cell: str, seed: int) -> Path:
     return self.root / "runs" / cell / f"seed_{seed}"
 
+  def protocol_dir(self, model: str, task: str, size: int, cell: str, stage: str, rate: float,
+                   seed: int) -> Path:
+    """A protocol run: ``stage`` is "select" (scored on the dev split) or "final"."""
+    return (self.root / "protocol" / model / f"{task}_{size}" / cell / stage / f"lr_{rate:g}"
+            / f"seed_{seed}")
+
+  def split_dir(self, task: str) -> Path:
+    return self.root / "protocol" / "splits" / task
+
   def overlap_dir(self, relative: str, seed: int) -> Path:
     return self.root / "overlap" / f"{Path(relative).stem}_seed_{seed}"
 
@@ -119,16 +219,17 @@ class Setting:
     return path
 
 
-def _groups(setting: Setting, data: dict, training: dict):
+def _groups(setting: Setting, data: dict, training: dict, model_name_or_path: str | None = None):
   """The three argument groups of one run: the setting's shared flags, then the run's own."""
   shared = {"num_train_epochs": setting.num_train_epochs, "learning_rate": setting.learning_rate,
             "per_device_train_batch_size": setting.per_device_train_batch_size,
             "warmup_ratio": 0.1, "fisher_num_examples": setting.fisher_num_examples,
             "disable_tqdm": True, "save_steps": 100_000, "save_total_limit": 1}
-  return (arguments.ModelArguments(model_name_or_path=setting.model_name_or_path),
-          arguments.DataArguments(max_train_samples=setting.max_train_samples,
-                                  max_seq_length=setting.max_seq_length,
-                                  max_eval_samples=setting.max_eval_samples, **data),
+  shared_data = {"max_train_samples": setting.max_train_samples,
+                 "max_seq_length": setting.max_seq_length,
+                 "max_eval_samples": setting.max_eval_samples}
+  return (arguments.ModelArguments(model_name_or_path=model_name_or_path or setting.model_name_or_path),
+          arguments.DataArguments(**{**shared_data, **data}),
           arguments.TrainingArguments(**{**shared, **training}))
 
 
@@ -142,6 +243,36 @@ def arguments_of(setting: Setting, cell: Cell, seed: int):
                                    "output_dir": str(setting.run_dir(cell.name, seed))})
   except (TypeError, ValueError) as error:  # TypeError: a flag the trainer does not have
     raise ValueError(f"cell {cell.name!r}: {error}") from None
+
+
+def protocol_arguments_of(setting: Setting, model: str, task: Task, size: int, cell: Cell,
+                          stage: str, rate: float, seed: int):
+  """The validated argument groups of one protocol run: ``model`` (a key of ``MODELS``)
+  fine-tuned on ``size`` examples sampled (by ``seed``) from the task's training pool, at
+  learning rate ``rate``, scored on the dev split (``stage`` "select") or on the validation
+  set ("final"). The splits must exist (:func:`train.experiments.protocol.carve_dev` into
+  ``setting.split_dir``)."""
+  if stage not in ("select", "final"):
+    raise ValueError(f"stage must be 'select' or 'final', got {stage!r}.")
+  checkpoint = None
+  if MODELS[model] is not None:
+    checkpoint = setting.data_dir / MODELS[model]
+    if not (checkpoint / "config.json").is_file():
+      raise FileNotFoundError(f"{checkpoint} is missing: run `python -m train.prepare_data "
+                              f"--output_dir {setting.data_dir} --mpnet` first.")
+  splits = setting.split_dir(task.name)
+  data = {"train_file": str(splits / "pool.csv"),
+          "validation_file": str(splits / "dev.csv" if stage == "select"
+                                 else setting.data(task.validation)),
+          "max_train_samples": size, "max_seq_length": task.max_seq_length}
+  flags = {k: v for k, v in cell.flags.items() if k != "prune_at_eval"}
+  output_dir = setting.protocol_dir(model, task.name, size, cell.name, stage, rate, seed)
+  try:
+    return _groups(setting, data, {**flags, "learning_rate": rate, "seed": seed,
+                                   "output_dir": str(output_dir)},
+                   None if checkpoint is None else str(checkpoint))
+  except (TypeError, ValueError) as error:
+    raise ValueError(f"cell {cell.name!r} on {task.name}: {error}") from None
 
 
 def overlap_arguments_of(setting: Setting, relative: str, seed: int):

@@ -68,6 +68,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     signal.signal(signal.SIGTERM, signal.default_int_handler)
   try:
     launcher.run_cells(setting, cell_names)
+    if "protocol" in chosen:
+      launcher.run_protocol(setting)
     if "overlap" in chosen:
       launcher.run_overlap_masks(setting)
   finally:
@@ -79,5 +81,5 @@ def main(argv: Sequence[str] | None = None) -> None:
   if "probe" in chosen:
     write_probe(setting)
   if "report" in chosen:
-    report.write_tables(setting, ["methods", "ablations", "domain", "layers"])
+    report.write_tables(setting, ["protocol", "methods", "ablations", "domain", "layers"])
     logger.info("wrote %s", report.write_results_md(setting))

@@ -11,6 +11,7 @@ cell. Every command is built (and so validated) before the first run starts.
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import json
 import logging
 import os
@@ -23,12 +24,11 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from train.experiments import cells
+from train.experiments import cells, protocol, report
 
 logger = logging.getLogger("experiments")
 
 REPO = Path(__file__).resolve().parents[2]
-PRIMARY_METRICS = ("eval_accuracy", "eval_pearson", "eval_matthews_correlation")
 
 _running: set[subprocess.Popen] = set()  # the trainer processes started by run_trainer
 _running_lock = threading.Lock()
@@ -109,39 +109,55 @@ def run_one(setting: cells.Setting, command: list[str], output_dir: Path, *, kee
   return json.loads(results_file.read_text())
 
 
+@dataclasses.dataclass(frozen=True)
+class Job:
+  """One trainer process of a campaign."""
+
+  label: str
+  command: list[str]
+  output_dir: Path
+  keep_checkpoint: bool = False
+
+
 def run_cells(setting: cells.Setting, cell_names: Sequence[str]) -> None:
   """Every (seed, cell) fine-tuning run, seeds in the outer loop; ``setting.jobs`` trainer
   processes at a time (on a 2-core CPU two overlap one's single-threaded start-up and
   host work with the other's compute)."""
-  jobs = [(seed, cells.CELLS[name]) for seed in range(setting.seeds)
-          for name in dict.fromkeys(cell_names)]
-  commands = {(seed, cell.name): cells.command(cells.arguments_of(setting, cell, seed))
-              for seed, cell in jobs}  # every cell validated before the first run
+  pairs = [(seed, cells.CELLS[name]) for seed in range(setting.seeds)
+           for name in dict.fromkeys(cell_names)]
+  run_jobs(setting, [Job(f"{cell.name} seed {seed}",
+                         cells.command(cells.arguments_of(setting, cell, seed)),
+                         setting.run_dir(cell.name, seed), cell.keep_checkpoint)
+                     for seed, cell in pairs])  # every cell validated before the first run
+
+
+def run_jobs(setting: cells.Setting, jobs: Sequence[Job]) -> None:
+  """Runs the jobs, ``setting.jobs`` at a time, in their order; a failed run is reported at
+  the end and does not stop the others; Ctrl-C or SIGTERM stops them all, keeping their work."""
   failed = []
   _stopping.clear()
 
-  def job(number, seed, cell):
+  def work(number, job):
     if _stopping.is_set():
       return
-    output_dir = setting.run_dir(cell.name, seed)
-    label = f"[{number}/{len(jobs)}] {cell.name} seed {seed}"
-    done_before = (output_dir / "all_results.json").exists()
+    label = f"[{number}/{len(jobs)}] {job.label}"
+    done_before = (job.output_dir / "all_results.json").exists()
     started = time.perf_counter()
     try:
-      results = run_one(setting, commands[seed, cell.name], output_dir,
-                        keep_checkpoint=cell.keep_checkpoint, label=label)
+      results = run_one(setting, job.command, job.output_dir, keep_checkpoint=job.keep_checkpoint,
+                        label=label)
     except RuntimeError as error:  # one failed run does not stop a campaign of hours
       if not _stopping.is_set():
         logger.error("%s", error)
         failed.append(label)
       return
     if results is not None:
-      score = {k: round(v, 4) for k, v in results.items() if k in PRIMARY_METRICS}
+      score = {k: round(v, 4) for k, v in results.items() if k in protocol.PRIMARY_METRICS}
       logger.info("%s: %s%s", label, score,
                   " (done before)" if done_before else f" in {time.perf_counter() - started:.0f} s")
 
   with concurrent.futures.ThreadPoolExecutor(max(1, setting.jobs)) as pool:
-    futures = [pool.submit(job, number, seed, cell) for number, (seed, cell) in enumerate(jobs, 1)]
+    futures = [pool.submit(work, number, job) for number, job in enumerate(jobs, 1)]
     try:
       for future in futures:
         future.result()
@@ -154,6 +170,53 @@ def run_cells(setting: cells.Setting, cell_names: Sequence[str]) -> None:
   if failed:
     raise RuntimeError(f"{len(failed)} run(s) failed: {', '.join(sorted(failed))}. Run the same "
                        "command again to retry them (finished runs are skipped).")
+
+
+def _protocol_job(setting, model, task, size, cell, stage, rate, seed) -> Job:
+  return Job(f"{model} {task}/{size} {cell} {stage} lr {rate:g} seed {seed}",
+             cells.command(cells.protocol_arguments_of(
+                 setting, model, cells.TASKS[task], size, cells.CELLS[cell], stage, rate, seed)),
+             setting.protocol_dir(model, task, size, cell, stage, rate, seed))
+
+
+def run_protocol(setting: cells.Setting, grid: cells.Protocol | None = None
+                 ) -> dict[tuple[str, str, int, str], protocol.RateChoice]:
+  """The protocol experiment: carve each task's dev split, run every rate of the grid on it
+  (seeds in the outer loop), extend the grid a step where the best rate is at its end (up to
+  ``grid.max_rate_steps`` times), then the final seeds at each chosen rate, scored on the
+  validation set. Returns ``{(model, task, size, cell): RateChoice}`` (empty with
+  ``--dry_run``)."""
+  grid = grid or cells.PROTOCOL
+  for task in grid.tasks():
+    protocol.carve_dev(setting.data(cells.TASKS[task].train), setting.split_dir(task),
+                       grid.dev_size, group_by=cells.TASKS[task].group_by)
+  keys = grid.keys()
+  rates = {key: list(grid.rates_of(*key)) for key in keys}
+  for step in range(grid.max_rate_steps + 1):
+    run_jobs(setting, [_protocol_job(setting, *key, "select", rate, seed)
+                       for seed in grid.selection_seeds for key in keys for rate in rates[key]])
+    if setting.dry_run:
+      return {}
+    choices = {key: protocol.choose_rate(
+        report.protocol_dev_scores(setting, *key, rates[key], grid)) for key in keys}
+    extend = {key: choice.next_rate for key, choice in choices.items() if not choice.bracketed}
+    if not extend or step == grid.max_rate_steps:
+      break
+    for key, rate in extend.items():
+      try:
+        _protocol_job(setting, *key, "select", rate, grid.selection_seeds[0])
+      except ValueError as error:  # a rate the method cannot take (RecAdam's pull): not tried
+        logger.warning("%s: the best rate %g is at the end of the grid, but %g cannot run: %s",
+                       key, choices[key].rate, rate, error)
+        continue
+      logger.info("%s: the best rate %g is at the end of the grid; trying %g", key,
+                  choices[key].rate, rate)
+      rates[key].append(rate)
+  finals = {key: grid.seeds_of_final(*key[:3]) for key in keys}
+  run_jobs(setting, [_protocol_job(setting, *key, "final", choices[key].rate, finals[key][i])
+                     for i in range(max(map(len, finals.values()))) for key in keys
+                     if i < len(finals[key])])
+  return choices
 
 
 def run_overlap_masks(setting: cells.Setting) -> dict[str, Path]:

@@ -19,6 +19,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+PRIMARY_METRICS = ("eval_accuracy", "eval_pearson", "eval_matthews_correlation")  # the first found
 BOOTSTRAP_SAMPLES = 10_000
 LEVEL = 0.95
 
@@ -100,8 +101,10 @@ def choose_rate(dev_scores: Mapping[float, Sequence[float]], *, limits: tuple[fl
     next_rate = rates[0] * rates[0] / rates[1]
   elif best == rates[-1]:
     next_rate = rates[-1] * rates[-1] / rates[-2]
-  if next_rate is not None and not limits[0] <= next_rate <= limits[1]:
-    next_rate = None  # at the edge of what is worth trying: taken as it is
+  if next_rate is not None:
+    next_rate = float(f"{next_rate:.3g}")  # as run directories name it (lr_9e-05), exactly
+    if not limits[0] <= next_rate <= limits[1]:
+      next_rate = None  # at the edge of what is worth trying: taken as it is
   return RateChoice(best, means[best], next_rate)
 
 

@@ -22,7 +22,7 @@ import numpy as np
 
 from childtuning_jax import mask_jaccard
 from train import arguments
-from train.experiments import cells
+from train.experiments import cells, protocol
 from train.experiments.cells import Setting
 
 logger = logging.getLogger("experiments")
@@ -169,6 +169,146 @@ def table3_methods_figure(setting: Setting, path: Path) -> Path:
   axis.set_ylabel("validation accuracy (%)")
   axis.set_title("Rotten Tomatoes (1k examples), MiniLM-L6: each dot a seed, bar the mean")
   axis.legend(loc="lower right", fontsize=8)
+  figure.tight_layout()
+  figure.savefig(path, dpi=120)
+  plt.close(figure)
+  return path
+
+
+def protocol_rates(setting: Setting, model: str, task: str, size: int, cell: str) -> list[float]:
+  """The learning rates a protocol cell's selection ran (read from its run directories)."""
+  base = setting.protocol_dir(model, task, size, cell, "select", 1.0, 0).parent.parent
+  return sorted(float(path.name.removeprefix("lr_")) for path in base.glob("lr_*"))
+
+
+def protocol_scores(setting: Setting, model: str, task: str, size: int, cell: str, stage: str,
+                    rate: float, seeds: Sequence[int]) -> dict[int, float]:
+  """``{seed: primary metric}`` (a fraction) of a protocol cell's finished runs at ``rate``."""
+  scores = {}
+  for seed in seeds:
+    path = setting.protocol_dir(model, task, size, cell, stage, rate, seed) / "all_results.json"
+    if path.exists():
+      results = json.loads(path.read_text())
+      found = [results[k] for k in protocol.PRIMARY_METRICS if k in results]
+      if found:
+        scores[seed] = found[0]
+  return scores
+
+
+def protocol_dev_scores(setting: Setting, model: str, task: str, size: int, cell: str,
+                        rates: Sequence[float] | None = None,
+                        grid: cells.Protocol | None = None) -> dict[float, list[float]]:
+  """``{rate: dev scores of the finished selection seeds}`` (all rates on disk by default)."""
+  rates = protocol_rates(setting, model, task, size, cell) if rates is None else rates
+  seeds = (grid or cells.PROTOCOL).selection_seeds
+  return {rate: list(protocol_scores(setting, model, task, size, cell, "select", rate,
+                                     seeds).values())
+          for rate in rates}
+
+
+def protocol_choice(setting: Setting, model: str, task: str, size: int, cell: str,
+                    grid: cells.Protocol | None = None) -> protocol.RateChoice | None:
+  """The rate the dev split chose, once every rate run has its selection seeds."""
+  grid = grid or cells.PROTOCOL
+  scores = protocol_dev_scores(setting, model, task, size, cell, grid=grid)
+  complete = {rate: v for rate, v in scores.items() if len(v) == len(grid.selection_seeds)}
+  if len(complete) < 3 or len(complete) < len(scores):
+    return None
+  return protocol.choose_rate(complete)
+
+
+def protocol_finals(setting: Setting, grid: cells.Protocol | None = None):
+  """``{(model, task, size, cell): (RateChoice or None, {seed: validation score})}``."""
+  grid = grid or cells.PROTOCOL
+  finals = {}
+  for key in grid.keys():
+    choice = protocol_choice(setting, *key, grid)
+    finals[key] = (choice, {} if choice is None else protocol_scores(
+        setting, *key, "final", choice.rate, grid.seeds_of_final(*key[:3])))
+  return finals
+
+
+def protocol_table(setting: Setting, grid: cells.Protocol | None = None) -> Table:
+  """Each method at its own learning rate, chosen on the dev split; scored on validation."""
+  grid = grid or cells.PROTOCOL
+  table = Table("protocol", "Each method at the learning rate its dev split chose: validation "
+                "accuracy, and the paired difference to vanilla with its 95% bootstrap interval",
+                ["Model", "Task", "Train size", "Method", "Dev accuracy by rate", "Rate", "Seeds",
+                 "Accuracy: mean (std)", "Δ vs vanilla [95% CI]", "Reading"])
+  finals = protocol_finals(setting, grid)
+  for (model, task, size, cell), (choice, scores) in finals.items():
+    dev = protocol_dev_scores(setting, model, task, size, cell, grid=grid)
+    dev_text = ", ".join(f"{rate:g}: {100 * np.mean(v):.1f}"
+                         + ("*" if choice and rate == choice.rate else "")
+                         for rate, v in dev.items() if v) or "–"
+    values = [100 * v for v in scores.values()]
+    baseline = finals.get((model, task, size, "vanilla"), (None, {}))[1]
+    comparison = None if cell == "vanilla" else protocol.compare(scores, baseline)
+    rate_text = "–" if choice is None else f"{choice.rate:g}" + (
+        "" if choice.bracketed else " (grid end)")
+    table.rows.append([
+        model, cells.TASKS[task].label, str(size), cells.CELLS[cell].label, dev_text, rate_text,
+        str(len(values)),
+        f"{np.mean(values):.2f} ({np.std(values, ddof=1):.2f})" if len(values) > 1 else
+        (f"{values[0]:.2f}" if values else "–"),
+        "" if comparison is None else comparison.text(),
+        "" if comparison is None else comparison.verdict])
+    table.raw.append({
+        "model": model, "task": task, "train_size": size, "cell": cell,
+        "rate": None if choice is None else choice.rate,
+        "bracketed": None if choice is None else choice.bracketed,
+        **{f"dev_lr_{rate:g}": float(np.mean(v)) for rate, v in dev.items() if v},
+        "seeds": len(values), "mean": float(np.mean(values)) if values else None,
+        "std": float(np.std(values, ddof=1)) if len(values) > 1 else None,
+        **({} if comparison is None else {
+            "delta": comparison.mean, "delta_low": comparison.low, "delta_high": comparison.high,
+            "seeds_paired": comparison.seeds, "seeds_better": comparison.wins,
+            "reading": comparison.verdict}),
+        **{f"seed_{seed}": value for seed, value in scores.items()}})
+  table.notes.append(
+      f"Dev accuracy by rate: the mean over selection seeds {list(grid.selection_seeds)} of "
+      f"each learning rate's runs, scored on {grid.dev_size} examples carved out of the "
+      "training data (never trained on); * marks the rate taken, \"grid end\" one the grid "
+      "did not bracket. The final seeds run at that rate and are scored on the validation set, "
+      "which no choice looked at. Δ vs vanilla: the mean per-seed difference in points (a seed "
+      "fixes the training subset, the head's initialisation and the data order) and its 95% "
+      "percentile bootstrap interval; the reading says helps or hurts only where the interval "
+      "excludes 0.")
+  return table
+
+
+def protocol_figure(setting: Setting, path: Path, grid: cells.Protocol | None = None) -> Path:
+  """Each method's paired difference to vanilla with its interval, per model, task and size."""
+  grid = grid or cells.PROTOCOL
+  plt = _pyplot()
+  finals = protocol_finals(setting, grid)
+  groups = list(dict.fromkeys(key[:3] for key in finals))
+  others = list(dict.fromkeys(key[3] for key in finals if key[3] != "vanilla"))
+  figure, axis = plt.subplots(figsize=(max(6, 1.6 * len(groups)), 4.5))
+  axis.axhline(0, color="grey", linewidth=1)
+  width = 0.8 / max(1, len(others))
+  for number, cell in enumerate(others):
+    labelled = False
+    for index, group in enumerate(groups):
+      if (*group, cell) not in finals or (*group, "vanilla") not in finals:
+        continue
+      comparison = protocol.compare(finals[(*group, cell)][1], finals[(*group, "vanilla")][1])
+      if comparison.seeds < 2:
+        continue
+      x = index - 0.4 + width * (number + 0.5)
+      axis.errorbar(x, 100 * comparison.mean, yerr=[[100 * (comparison.mean - comparison.low)],
+                                                    [100 * (comparison.high - comparison.mean)]],
+                    fmt="o", color=f"C{number}", capsize=3,
+                    label=None if labelled else cells.CELLS[cell].label)
+      labelled = True
+  axis.set_xticks(range(len(groups)), [f"{model}\n{cells.TASKS[task].label.split(' (')[0]}\n"
+                                       f"{size} examples" for model, task, size in groups],
+                  fontsize=7)
+  axis.set_ylabel("Δ validation accuracy vs vanilla (points)")
+  axis.set_title("Paired difference to vanilla, 95% bootstrap interval (each method at its own "
+                 "rate)", fontsize=9)
+  if axis.get_legend_handles_labels()[0]:
+    axis.legend(fontsize=7)
   figure.tight_layout()
   figure.savefig(path, dpi=120)
   plt.close(figure)
@@ -377,7 +517,7 @@ def figure2_probe(scores: dict[str, dict[str, dict[int, float]]], probe_examples
 # ----------------------------------------------------------------------------- RESULTS.md
 
 READING_START, READING_END = "<!-- reading -->", "<!-- /reading -->"
-FIGURES = {"methods": "methods.png", "layers": "layers.png", "overlap": "overlap.png",
+FIGURES = {"protocol": "protocol.png", "methods": "methods.png", "layers": "layers.png", "overlap": "overlap.png",
            "probe": "probe.png"}
 
 
@@ -386,6 +526,9 @@ def write_tables(setting: Setting, experiments: Sequence[str]) -> None:
   ``layers``; ``overlap`` from the child networks on disk) into ``results_dir``."""
   out = setting.results_dir
   out.mkdir(parents=True, exist_ok=True)
+  if "protocol" in experiments:
+    protocol_table(setting).write(out)
+    protocol_figure(setting, out / FIGURES["protocol"])
   if "methods" in experiments:
     table3_methods(setting).write(out)
     table3_methods_figure(setting, out / FIGURES["methods"])
@@ -402,6 +545,12 @@ def write_tables(setting: Setting, experiments: Sequence[str]) -> None:
 
 
 SECTIONS = [
+    ("protocol", "The paper's protocol: a learning rate per method, two training sizes, a "
+     "sentence-pair task, intervals",
+     "`python -m train.experiments protocol --jobs 2`. For each task, training-set size and "
+     "method, a grid of learning rates runs on a dev split carved out of the training data; "
+     "the best rate by mean dev accuracy is taken (the grid is extended where it does not "
+     "bracket it), and fresh seeds at that rate are scored on the untouched validation set."),
     ("methods", "Child-Tuning against vanilla fine-tuning and five prior methods (paper Tables 3 and 4)",
      "`python -m train.experiments methods`. The paper's low-resource setting (1k training "
      "examples, its Table 4) is this table's setting. CT-F at p ∈ {0.2, 0.3, 0.4}, CT-D at "
