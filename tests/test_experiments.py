@@ -97,6 +97,7 @@ def test_campaign_runs_resumes_and_reports_what_the_runs_measured(campaign):
       assert (run / "all_results.json").exists() and (run / "wall_seconds.json").exists()
       # The probe reads the encoders of vanilla, CT-F 0.3 and CT-D 0.3; the rest are deleted.
       assert (run / "checkpoints").is_dir() == (cell != "ct_d_random")
+      assert (run / "child_delta.npz").exists() == (cell == "ct_d_0.3")  # CT-D's, if kept
 
   # The tables hold the runs' own numbers: mean and max over seeds, x100.
   results = {cell: [json.loads((root / cell / f"seed_{s}" / "all_results.json").read_text())

@@ -55,8 +55,8 @@ CELLS = {cell.name: cell for cell in [
     Cell("mixout", "Mixout (p=0.3)", {"mode": "vanilla", "mixout_p": 0.3}),
     Cell("recadam", "RecAdam (k=0.1, t0=50)", {"mode": "vanilla", "recadam_k": 0.1, "recadam_t0": 50}),
     # The protocol's RecAdam: a pull of learning rate x strength below 1 over its whole rate grid.
-    Cell("recadam_1000", "RecAdam (k=0.1, t0=50, strength 1000)",
-         {"mode": "vanilla", "recadam_k": 0.1, "recadam_t0": 50, "recadam_strength": 1000.0}),
+    Cell("recadam_500", "RecAdam (k=0.1, t0=50, strength 500)",
+         {"mode": "vanilla", "recadam_k": 0.1, "recadam_t0": 50, "recadam_strength": 500.0}),
     Cell("r3f", "R3F (σ=0.1, normal)", {"mode": "vanilla", "r3f_sigma": 0.1}),
     _ct_d(0.3, name="ct_d_r3f", label="CT-D (p=0.3) + R3F (σ=0.1)", r3f_sigma=0.1),
     _ct_d(0.3, name="ct_d_random", label="Random (p=0.3)", child_network="random"),
@@ -130,7 +130,7 @@ class Study:
 
 
 HEADLINE_CELLS = ("vanilla", "ct_f_0.3", "ct_d_0.3")
-PRIOR_CELLS = ("weight_decay", "top_k", "mixout", "recadam_1000", "r3f")
+PRIOR_CELLS = ("weight_decay", "top_k", "mixout", "recadam_500", "r3f")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,9 +143,9 @@ class Protocol:
   untouched validation set."""
 
   studies: tuple[Study, ...] = (
-      Study("minilm", ("rotten_tomatoes", "epistemic_reasoning", "vitaminc"), (300, 1000),
-            HEADLINE_CELLS, (3e-5, 1e-4, 3e-4)),
-      Study("minilm", ("rotten_tomatoes",), (1000,), PRIOR_CELLS, (3e-5, 1e-4, 3e-4)),
+      Study("minilm", ("rotten_tomatoes", "epistemic_reasoning", "vitaminc"), (1000, 300),
+            HEADLINE_CELLS, (1e-4, 3e-4, 1e-3)),
+      Study("minilm", ("rotten_tomatoes",), (1000,), PRIOR_CELLS, (1e-4, 3e-4, 1e-3)),
       # MPNet was trained on NLI and paraphrase data: sentiment only.
       Study("mpnet", ("rotten_tomatoes",), (300,), HEADLINE_CELLS, (1e-5, 3e-5, 1e-4)),
   )

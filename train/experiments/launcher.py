@@ -104,8 +104,9 @@ def run_one(setting: cells.Setting, command: list[str], output_dir: Path, *, kee
   earlier = json.loads(wall.read_text())["wall_seconds"] if wall.exists() else 0.0
   wall.write_text(json.dumps({"wall_seconds": round(earlier + seconds, 1), "command": command[1:],
                               "machine": machine()}, indent=2) + "\n")
-  if not keep_checkpoint:  # 270 MB each; only the probe reads them
+  if not keep_checkpoint:  # 270 MB each, and CT-D's 40 MB child delta; only the probe reads them
     shutil.rmtree(output_dir / "checkpoints", ignore_errors=True)
+    (output_dir / "child_delta.npz").unlink(missing_ok=True)
   return json.loads(results_file.read_text())
 
 
@@ -181,42 +182,64 @@ def _protocol_job(setting, model, task, size, cell, stage, rate, seed) -> Job:
 
 def run_protocol(setting: cells.Setting, grid: cells.Protocol | None = None
                  ) -> dict[tuple[str, str, int, str], protocol.RateChoice]:
-  """The protocol experiment: carve each task's dev split, run every rate of the grid on it
-  (seeds in the outer loop), extend the grid a step where the best rate is at its end (up to
-  ``grid.max_rate_steps`` times), then the final seeds at each chosen rate, scored on the
-  validation set. Returns ``{(model, task, size, cell): RateChoice}`` (empty with
-  ``--dry_run``)."""
+  """The protocol experiment: carve each task's dev split, then for each (model, task, size,
+  method), the headline's first, its whole pipeline (:func:`run_protocol_cell`), so that a
+  campaign stopped part-way has whole cells. A cell whose runs fail is reported at the end;
+  the others go on. Returns ``{(model, task, size, cell): RateChoice}`` of the cells whose
+  rate was chosen (none with ``--dry_run``)."""
   grid = grid or cells.PROTOCOL
   for task in grid.tasks():
     protocol.carve_dev(setting.data(cells.TASKS[task].train), setting.split_dir(task),
                        grid.dev_size, group_by=cells.TASKS[task].group_by)
-  keys = grid.keys()
-  rates = {key: list(grid.rates_of(*key)) for key in keys}
-  for step in range(grid.max_rate_steps + 1):
-    run_jobs(setting, [_protocol_job(setting, *key, "select", rate, seed)
-                       for seed in grid.selection_seeds for key in keys for rate in rates[key]])
-    if setting.dry_run:
-      return {}
-    choices = {key: protocol.choose_rate(
-        report.protocol_dev_scores(setting, *key, rates[key], grid)) for key in keys}
-    extend = {key: choice.next_rate for key, choice in choices.items() if not choice.bracketed}
-    if not extend or step == grid.max_rate_steps:
-      break
-    for key, rate in extend.items():
-      try:
-        _protocol_job(setting, *key, "select", rate, grid.selection_seeds[0])
-      except ValueError as error:  # a rate the method cannot take (RecAdam's pull): not tried
-        logger.warning("%s: the best rate %g is at the end of the grid, but %g cannot run: %s",
-                       key, choices[key].rate, rate, error)
-        continue
-      logger.info("%s: the best rate %g is at the end of the grid; trying %g", key,
-                  choices[key].rate, rate)
-      rates[key].append(rate)
-  finals = {key: grid.seeds_of_final(*key[:3]) for key in keys}
-  run_jobs(setting, [_protocol_job(setting, *key, "final", choices[key].rate, finals[key][i])
-                     for i in range(max(map(len, finals.values()))) for key in keys
-                     if i < len(finals[key])])
+  keys = sorted(grid.keys(), key=lambda key: key[:3] != grid.headline)  # stable: headline first
+  for key in keys:  # every command validated before the first run
+    for rate in grid.rates_of(*key):
+      _protocol_job(setting, *key, "select", rate, grid.selection_seeds[0])
+  choices, failed = {}, []
+  for key in keys:
+    try:
+      choice = run_protocol_cell(setting, grid, key)
+    except RuntimeError as error:  # its runs failed: the next cells still run
+      if _stopping.is_set():
+        raise
+      logger.error("%s", error)
+      failed.append(" ".join(map(str, key)))
+      continue
+    if choice is not None:
+      choices[key] = choice
+  if failed:
+    raise RuntimeError(f"{len(failed)} protocol cell(s) had failed runs: {'; '.join(failed)}. "
+                       "Run the same command again to retry them (finished runs are skipped).")
   return choices
+
+
+def run_protocol_cell(setting: cells.Setting, grid: cells.Protocol,
+                      key: tuple[str, str, int, str]) -> protocol.RateChoice | None:
+  """One cell of the protocol: the selection seeds at every rate of its grid (and at any rate
+  an earlier campaign ran for it), a step beyond the grid's end while the best rate is there
+  (``grid.max_rate_steps`` steps at most), then the final seeds at the chosen rate."""
+  first = list(grid.rates_of(*key))
+  rates = sorted(set(first) | set(report.protocol_rates(setting, *key)))
+  while True:
+    run_jobs(setting, [_protocol_job(setting, *key, "select", rate, seed)
+                       for seed in grid.selection_seeds for rate in rates])
+    if setting.dry_run:
+      return None
+    choice = protocol.choose_rate(report.protocol_dev_scores(setting, *key, rates, grid))
+    if choice.bracketed or len(set(rates) - set(first)) >= grid.max_rate_steps:
+      break
+    try:
+      _protocol_job(setting, *key, "select", choice.next_rate, grid.selection_seeds[0])
+    except ValueError as error:  # a rate the method cannot take (RecAdam's pull): not tried
+      logger.warning("%s: the best rate %g is at the end of the grid, but %g cannot run: %s",
+                     key, choice.rate, choice.next_rate, error)
+      break
+    logger.info("%s: the best rate %g is at the end of the grid; trying %g", key, choice.rate,
+                choice.next_rate)
+    rates.append(choice.next_rate)
+  run_jobs(setting, [_protocol_job(setting, *key, "final", choice.rate, seed)
+                     for seed in grid.seeds_of_final(*key[:3])])
+  return choice
 
 
 def run_overlap_masks(setting: cells.Setting) -> dict[str, Path]:

@@ -135,6 +135,8 @@ class Comparison:
 
   @property
   def verdict(self) -> str:
+    if not self.seeds:
+      return "not run yet"
     if self.seeds < 2 or math.isnan(self.low):
       return "too few seeds"
     if self.low > 0:

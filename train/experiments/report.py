@@ -584,6 +584,21 @@ def _minutes(seconds: float) -> str:
   return f"{seconds / 60:.0f} min"
 
 
+def _protocol_progress(setting: Setting) -> str:
+  """One line: the protocol's finished runs by stage, and their summed wall time."""
+  base = setting.root / "protocol"
+  finished = {stage: len(list(base.glob(f"*/*/*/{stage}/*/*/all_results.json")))
+              for stage in ("select", "final")}
+  seconds = sum(json.loads(path.read_text())["wall_seconds"]
+                for path in base.glob("*/*/*/*/*/*/wall_seconds.json"))
+  grid = cells.PROTOCOL
+  planned = sum(len(grid.selection_seeds) * len(grid.rates_of(*key)) for key in grid.keys())
+  finals = sum(len(grid.seeds_of_final(*key[:3])) for key in grid.keys())
+  return (f"Protocol: {finished['select']} selection runs finished (the first grid plans "
+          f"{planned}, before any extension) and {finished['final']} of {finals} final runs; "
+          f"{_minutes(seconds)} of fine-tuning summed over them.")
+
+
 def write_results_md(setting: Setting) -> Path:
   """RESULTS.md from the tables and figures in ``results_dir``; the hand-written reading
   between the reading markers of an existing RESULTS.md is kept."""
@@ -627,6 +642,7 @@ def write_results_md(setting: Setting) -> Path:
       "(with `--jobs 2` two share the CPU, so each takes longer and the campaign less), "
       "child networks for the overlap "
       f"{_minutes(overlap_seconds)}, probes {_minutes(probe_seconds)}; on {machines(setting)}.", "",
+      _protocol_progress(setting), "",
       "## Reading", "", READING_START, _reading(md), READING_END, ""]
   for name, title, how in SECTIONS:
     table = out / f"{name}.md"
