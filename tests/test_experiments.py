@@ -5,6 +5,7 @@ the figures and RESULTS.md, on a tiny model."""
 import csv
 import json
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -262,6 +263,10 @@ def test_report_regenerates_the_same_tables_from_the_runs(campaign):
   assert not calls  # every run was finished
   assert {p.name: p.read_bytes() for p in results.iterdir() if p.suffix in (".md", ".csv")} == first
   assert set(first) >= {"methods.md", "ablations.csv", "domain.md", "layers.csv"}
+  # Without the runs (another machine's report), the tables are kept, not emptied.
+  shutil.rmtree(tmp_path / "root" / "runs")
+  cli.main(["report", *argv])
+  assert {p.name: p.read_bytes() for p in results.iterdir() if p.suffix in (".md", ".csv")} == first
 
 
 def test_protocol_chooses_each_rate_on_the_dev_split_and_reports_fresh_seeds(campaign, monkeypatch):

@@ -521,11 +521,30 @@ FIGURES = {"protocol": "protocol.png", "methods": "methods.png", "layers": "laye
            "probe": "probe.png"}
 
 
+def has_runs(setting: Setting, experiment: str) -> bool:
+  """Whether any finished run (or child network) of ``experiment`` is on disk."""
+  if experiment == "protocol":
+    return any((setting.root / "protocol").glob("*/*/*/*/*/*/all_results.json"))
+  if experiment == "overlap":
+    return any((setting.overlap_dir(relative, seed) / "mask.npz").exists()
+               for relative, seed in cells.OVERLAP_TASKS.values())
+  return any(results_of(setting, name) for name in cells.EXPERIMENT_CELLS.get(experiment, []))
+
+
 def write_tables(setting: Setting, experiments: Sequence[str]) -> None:
-  """The tables and figures of these experiments (``methods``, ``ablations``, ``domain``,
-  ``layers``; ``overlap`` from the child networks on disk) into ``results_dir``."""
+  """The tables and figures of these experiments (``protocol``, ``methods``, ``ablations``,
+  ``domain``, ``layers``; ``overlap`` from the child networks on disk) into ``results_dir``.
+  An experiment with no finished run on disk keeps the files it has there (a report from
+  another machine's runs is not replaced by empty tables)."""
   out = setting.results_dir
   out.mkdir(parents=True, exist_ok=True)
+  known = ("protocol", "methods", "ablations", "domain", "layers", "overlap")
+  experiments = [experiment for experiment in experiments if experiment in known]
+  for experiment in experiments:
+    if not has_runs(setting, experiment):
+      logger.info("no runs of %s under %s: its tables and figures are left as they are",
+                  experiment, setting.root)
+  experiments = [experiment for experiment in experiments if has_runs(setting, experiment)]
   if "protocol" in experiments:
     protocol_table(setting).write(out)
     protocol_figure(setting, out / FIGURES["protocol"])
