@@ -237,6 +237,9 @@ def run_protocol_cell(setting: cells.Setting, grid: cells.Protocol,
     logger.info("%s: the best rate %g is at the end of the grid; trying %g", key, choice.rate,
                 choice.next_rate)
     rates.append(choice.next_rate)
+  logger.info("%s: rate %g chosen (mean dev score %.4f over %s)%s", key, choice.rate,
+              choice.mean_dev_score, ", ".join(f"{rate:g}" for rate in sorted(rates)),
+              "" if choice.bracketed else "; the grid's end, not bracketed")
   run_jobs(setting, [_protocol_job(setting, *key, "final", choice.rate, seed)
                      for seed in grid.seeds_of_final(*key[:3])])
   return choice
