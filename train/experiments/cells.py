@@ -228,7 +228,8 @@ def _groups(setting: Setting, data: dict, training: dict, model_name_or_path: st
   shared_data = {"max_train_samples": setting.max_train_samples,
                  "max_seq_length": setting.max_seq_length,
                  "max_eval_samples": setting.max_eval_samples}
-  return (arguments.ModelArguments(model_name_or_path=model_name_or_path or setting.model_name_or_path),
+  model = model_name_or_path or setting.model_name_or_path
+  return (arguments.ModelArguments(model_name_or_path=model),
           arguments.DataArguments(**{**shared_data, **data}),
           arguments.TrainingArguments(**{**shared, **training}))
 

@@ -4,8 +4,10 @@ and a clean stop of all of them on Ctrl-C or SIGTERM.
 
 Every run is one ``train.run_glue`` process with its own output directory; a finished run
 (its ``all_results.json`` exists) is not run again, an interrupted one resumes from its
-checkpoint. Seeds run in the outer loop, so a partial campaign has the same seeds in every
-cell. Every command is built (and so validated) before the first run starts.
+checkpoint. In the paper's experiments seeds run in the outer loop, so a partial campaign has
+the same seeds in every cell; the protocol runs each cell whole (its rate selection, then its
+final seeds), the headline's first. Every command is built (and so validated) before the
+first run starts (a protocol cell's grid extensions, when they are chosen).
 """
 
 from __future__ import annotations
