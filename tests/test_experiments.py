@@ -3,6 +3,7 @@ clean-up, failures, stopping), the tables' numbers against the runs' own results
 the figures and RESULTS.md, on a tiny model."""
 
 import csv
+import functools
 import json
 import os
 import shutil
@@ -210,8 +211,12 @@ time.sleep(120)
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-def test_a_stopped_campaign_stops_its_runs_cleanly_and_starts_no_more(campaign, monkeypatch, signum):
+def test_a_stopped_campaign_stops_its_runs_cleanly_and_starts_no_more(campaign, monkeypatch, signum,
+                                                                     request):
   tmp_path, argv, calls = campaign
+  # Ctrl-C's own handler: a shell starts a background job (`make test &`) with SIGINT ignored.
+  request.addfinalizer(functools.partial(signal.signal, signal.SIGINT,
+                                         signal.signal(signal.SIGINT, signal.default_int_handler)))
   monkeypatch.setattr(launcher, "run_trainer", REAL_RUN_TRAINER)
   monkeypatch.setattr(cells, "command", lambda groups: [
       sys.executable, "-c", FAKE_TRAINER, groups[2].output_dir])
