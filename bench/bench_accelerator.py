@@ -206,13 +206,18 @@ def bench_config(size: str, dtype: str, mode: str, args) -> dict:
   for _ in range(2):  # warm-up
     state, value = compiled(state, batch)
   block(value)
-  # Rounds of back-to-back steps, as a training loop dispatches them (an accelerator queues
-  # the next step while one runs); a round's mean per step, the median over rounds.
+  # Rounds of steps dispatched as the trainer's loop does: back to back on an accelerator
+  # (it queues the next step while one runs), one at a time on the CPU (train/loop.py: a
+  # second step in flight holds a second block of temporaries); a round's mean per step, the
+  # median over rounds.
+  one_at_a_time = jax.default_backend() == "cpu"
   rounds = []
   for _ in range(args.rounds):
     start = time.perf_counter()
     for _ in range(args.steps):
       state, value = compiled(state, batch)
+      if one_at_a_time:
+        block(value)
     block((state, value))
     rounds.append((time.perf_counter() - start) / args.steps)
   result["step_s"] = statistics.median(rounds)
