@@ -199,10 +199,13 @@ class Setting:
   def run_dir(self, cell: str, seed: int) -> Path:
     return self.root / "runs" / cell / f"seed_{seed}"
 
+  def protocol_cell_dir(self, model: str, task: str, size: int, cell: str) -> Path:
+    return self.root / "protocol" / model / f"{task}_{size}" / cell
+
   def protocol_dir(self, model: str, task: str, size: int, cell: str, stage: str, rate: float,
                    seed: int) -> Path:
     """A protocol run: ``stage`` is "select" (scored on the dev split) or "final"."""
-    return (self.root / "protocol" / model / f"{task}_{size}" / cell / stage / f"lr_{rate:g}"
+    return (self.protocol_cell_dir(model, task, size, cell) / stage / f"lr_{rate:g}"
             / f"seed_{seed}")
 
   def split_dir(self, task: str) -> Path:

@@ -177,8 +177,8 @@ def table3_methods_figure(setting: Setting, path: Path) -> Path:
 
 def protocol_rates(setting: Setting, model: str, task: str, size: int, cell: str) -> list[float]:
   """The learning rates a protocol cell's selection ran (read from its run directories)."""
-  base = setting.protocol_dir(model, task, size, cell, "select", 1.0, 0).parent.parent
-  return sorted(float(path.name.removeprefix("lr_")) for path in base.glob("lr_*"))
+  select = setting.protocol_cell_dir(model, task, size, cell) / "select"
+  return sorted(float(path.name.removeprefix("lr_")) for path in select.glob("lr_*"))
 
 
 def protocol_scores(setting: Setting, model: str, task: str, size: int, cell: str, stage: str,
