@@ -153,7 +153,7 @@ def test_overlap_probe_and_results_md(campaign):
   for name in ("methods", "probe", "overlap"):
     assert (tmp_path / "results" / f"{name}.md").read_text().strip() in text
     assert f"](results/{name}.png)" in text
-  assert "python -m train.experiments all --seeds 2" in text
+  assert "python -m train.experiments methods ablations domain probe layers overlap report --seeds 2" in text
   assert "p the fraction of the encoder blocks' entries (the published code's budget)" in text
 
 
@@ -336,3 +336,18 @@ def test_protocol_chooses_each_rate_on_the_dev_split_and_reports_fresh_seeds(cam
   calls.clear()
   cli.main(["protocol", *argv])
   assert not calls
+
+  # RESULTS.md: the protocol's setting, compute and table from these runs; the reading and the
+  # setting of the one-rate experiments, whose runs are not here, are kept.
+  (tmp_path / "RESULTS.md").write_text(
+      "old\n<!-- reading -->\nA hand-written reading.\n<!-- /reading -->\n"
+      "<!-- earlier-setting -->\nThe earlier runs' setting.\n<!-- /earlier-setting -->\n")
+  cli.main(["report", *argv])
+  text = (tmp_path / "RESULTS.md").read_text()
+  assert "A hand-written reading." in text and "The earlier runs' setting." in text
+  assert (tmp_path / "results" / "protocol.md").read_text().strip() in text
+  with open(tmp_path / "results" / "protocol_compute.csv") as file:
+    compute = list(csv.DictReader(file))
+  assert [(int(row["select"]), int(row["final"])) for row in compute] == [(len(select), len(final))]
+  assert f"| **{len(select)}** (the first grids plan 6, before any extension) | **{len(final)}** of 4 |" in text
+  assert "learning rates 0.0003, 0.001, 0.003 to start" in text
