@@ -6,7 +6,8 @@ Every run is one ``train.run_glue`` process with its own output directory; a fin
 (its ``all_results.json`` exists) is not run again, an interrupted one resumes from its
 checkpoint. In the paper's experiments seeds run in the outer loop, so a partial campaign has
 the same seeds in every cell; the protocol runs each cell whole (its rate selection, then its
-final seeds), the headline's first. Every command is built (and so validated) before the
+final seeds), in the grid's order (Child-Tuning against vanilla on every task and size
+first). Every command is built (and so validated) before the
 first run starts (a protocol cell's grid extensions, when they are chosen).
 """
 
@@ -185,7 +186,7 @@ def _protocol_job(setting, model, task, size, cell, stage, rate, seed) -> Job:
 def run_protocol(setting: cells.Setting, grid: cells.Protocol | None = None
                  ) -> dict[tuple[str, str, int, str], protocol.RateChoice]:
   """The protocol experiment: carve each task's dev split, then for each (model, task, size,
-  method), the headline's first, its whole pipeline (:func:`run_protocol_cell`), so that a
+  method), in the grid's order, its whole pipeline (:func:`run_protocol_cell`), so that a
   campaign stopped part-way has whole cells. A cell whose runs fail is reported at the end;
   the others go on. Returns ``{(model, task, size, cell): RateChoice}`` of the cells whose
   rate was chosen (none with ``--dry_run``)."""
@@ -193,7 +194,7 @@ def run_protocol(setting: cells.Setting, grid: cells.Protocol | None = None
   for task in grid.tasks():
     protocol.carve_dev(setting.data(cells.TASKS[task].train), setting.split_dir(task),
                        grid.dev_size, group_by=cells.TASKS[task].group_by)
-  keys = sorted(grid.keys(), key=lambda key: key[:3] != grid.headline)  # stable: headline first
+  keys = grid.keys()
   for key in keys:  # every command validated before the first run
     for rate in grid.rates_of(*key):
       _protocol_job(setting, *key, "select", rate, grid.selection_seeds[0])
