@@ -279,7 +279,7 @@ def test_protocol_chooses_each_rate_on_the_dev_split_and_reports_fresh_seeds(cam
   grid = cells.Protocol(studies=(cells.Study("minilm", ("rotten_tomatoes",), (80,),
                                               ("vanilla", "ct_d_0.3"), (3e-4, 1e-3, 3e-3)),),
                         selection_seeds=(0,), final_seeds=(100,),
-                        headline=("minilm", "rotten_tomatoes", 80), headline_seeds=(100, 101),
+                        headlines=(("minilm", "rotten_tomatoes", 80),), headline_seeds=(100, 101),
                         dev_size=40, max_rate_steps=1)
   monkeypatch.setattr(cells, "PROTOCOL", grid)
   argv = [*argv, "--per_device_train_batch_size", "4"]  # 80 examples: batches of 4 x 8 devices

@@ -139,8 +139,8 @@ class Protocol:
   size and method, each learning rate runs ``selection_seeds`` on the dev split carved out of
   the training data; the rate with the best mean dev score is taken (the grid is extended by
   a step where that rate is at its end, ``max_rate_steps`` times at most), and then
-  ``final_seeds`` (``headline_seeds`` at ``headline``) run at that rate and are scored on the
-  untouched validation set."""
+  ``final_seeds`` (``headline_seeds`` at each of ``headlines``) run at that rate and are
+  scored on the untouched validation set."""
 
   studies: tuple[Study, ...] = (
       Study("minilm", ("rotten_tomatoes", "epistemic_reasoning", "vitaminc"), (1000, 300),
@@ -151,7 +151,9 @@ class Protocol:
   )
   selection_seeds: tuple[int, ...] = (0, 1, 2)
   final_seeds: tuple[int, ...] = tuple(range(100, 105))
-  headline: tuple[str, str, int] = ("minilm", "rotten_tomatoes", 1000)
+  # 10 final seeds where runs are cheapest: MiniLM on Rotten Tomatoes (seconds a run).
+  headlines: tuple[tuple[str, str, int], ...] = (("minilm", "rotten_tomatoes", 1000),
+                                                 ("minilm", "rotten_tomatoes", 300))
   headline_seeds: tuple[int, ...] = tuple(range(100, 110))
   dev_size: int = 300
   max_rate_steps: int = 2
@@ -170,7 +172,7 @@ class Protocol:
     return list(dict.fromkeys(task for study in self.studies for task in study.tasks))
 
   def seeds_of_final(self, model: str, task: str, size: int) -> tuple[int, ...]:
-    return self.headline_seeds if (model, task, size) == self.headline else self.final_seeds
+    return self.headline_seeds if (model, task, size) in self.headlines else self.final_seeds
 
 
 PROTOCOL = Protocol()

@@ -287,11 +287,12 @@ def protocol_figure(setting: Setting, path: Path, grid: cells.Protocol | None = 
   others = list(dict.fromkeys(key[3] for key in finals if key[3] != "vanilla"))
   figure, axis = plt.subplots(figsize=(max(6, 1.6 * len(groups)), 4.5))
   axis.axhline(0, color="grey", linewidth=1)
-  width = 0.8 / max(1, len(others))
-  for number, cell in enumerate(others):
-    labelled = False
-    for index, group in enumerate(groups):
-      if (*group, cell) not in finals or (*group, "vanilla") not in finals:
+  labelled = set()
+  for index, group in enumerate(groups):
+    present = [cell for cell in others if (*group, cell) in finals]
+    width = 0.8 / max(1, len(present))
+    for number, cell in enumerate(present):  # centred on the group's tick
+      if (*group, "vanilla") not in finals:
         continue
       comparison = protocol.compare(finals[(*group, cell)][1], finals[(*group, "vanilla")][1])
       if comparison.seeds < 2:
@@ -299,9 +300,9 @@ def protocol_figure(setting: Setting, path: Path, grid: cells.Protocol | None = 
       x = index - 0.4 + width * (number + 0.5)
       axis.errorbar(x, 100 * comparison.mean, yerr=[[100 * (comparison.mean - comparison.low)],
                                                     [100 * (comparison.high - comparison.mean)]],
-                    fmt="o", color=f"C{number}", capsize=3,
-                    label=None if labelled else cells.CELLS[cell].label)
-      labelled = True
+                    fmt="o", color=f"C{others.index(cell)}", capsize=3,
+                    label=None if cell in labelled else cells.CELLS[cell].label)
+      labelled.add(cell)
   axis.set_xticks(range(len(groups)), [f"{model}\n{cells.TASKS[task].label.split(' (')[0]}\n"
                                        f"{size} examples" for model, task, size in groups],
                   fontsize=7)
@@ -665,9 +666,10 @@ def _protocol_setting(setting: Setting, grid: cells.Protocol) -> list[str]:
       f"{grid.dev_size} examples carved out of the training data (not in the pool). The rate "
       "with the best mean dev score is taken; where it is at the grid's end the grid grows a "
       f"step that way, {grid.max_rate_steps} steps at most.",
-      f"- Finals at the chosen rate: seeds {_seeds_text(grid.headline_seeds)} at "
-      f"{grid.headline[0]} on {cells.TASKS[grid.headline[1]].label.split(' (')[0]} at "
-      f"{grid.headline[2]}, {_seeds_text(grid.final_seeds)} elsewhere, "
+      f"- Finals at the chosen rate: seeds {_seeds_text(grid.headline_seeds)} for "
+      + "; ".join(f"{model} on {cells.TASKS[task].label.split(' (')[0]} at {size}"
+                  for model, task, size in grid.headlines)
+      + f", {_seeds_text(grid.final_seeds)} elsewhere, "
       f"scored on the first {setting.max_eval_samples} examples of the validation set.",
       f"- Training: {setting.num_train_epochs:g} epochs, batch "
       f"{setting.per_device_train_batch_size}, AdamW (eps 1e-6) with 10% warmup and linear "
