@@ -105,8 +105,19 @@ def bernoulli(key: jax.Array, p: float | jax.Array, shape: tuple[int, ...],
   return random_uint32(key, shape) < _threshold(p, what)
 
 
+def rows_per_shape(shapes: list[tuple[int, ...]]) -> list[int]:
+  """Each array's position among the arrays of its shape (0 for an array whose shape no
+  other has): its row in :func:`bernoulli_per_shape`'s loop."""
+  seen: dict[tuple[int, ...], int] = {}
+  rows = []
+  for shape in shapes:
+    rows.append(seen.get(tuple(shape), 0))
+    seen[tuple(shape)] = rows[-1] + 1
+  return rows
+
+
 def bernoulli_per_shape(key: jax.Array, p: float | jax.Array, shapes: list[tuple[int, ...]],
-                        what: str = "p") -> list[jax.Array]:
+                        what: str = "p", rows: list[jax.Array] | None = None) -> list[jax.Array]:
   """``[bernoulli(k, p, shape) for k, shape in zip(jax.random.split(key, n), shapes)]``,
   the same decisions, with one hash per distinct shape in the program.
 
@@ -116,6 +127,12 @@ def bernoulli_per_shape(key: jax.Array, p: float | jax.Array, shapes: list[tuple
   compile times). Here the arrays of one shape are drawn in one loop (``lax.map`` over
   their keys), whose decisions are written to memory, one byte per entry; an array
   whose shape no other has is drawn alone, fused into its consumers as before.
+
+  ``rows``: :func:`rows_per_shape` of ``shapes`` as traced values (inputs of the jitted
+  function, e.g. an optimizer state's). Each array then reads its row of its shape's
+  decisions at an index XLA does not know, so the consumers of the arrays of one shape
+  are one computation, compiled once; a row known at compile time makes each array's
+  consumers a kernel of their own. Without ``rows``, the rows are constants.
   """
   words = jax.vmap(lambda k: jax.random.bits(k, (2,), jnp.uint32))(
       jax.random.split(key, len(shapes)))
@@ -132,5 +149,6 @@ def bernoulli_per_shape(key: jax.Array, p: float | jax.Array, shapes: list[tuple
     drawn = lax.map(lambda w, shape=shape: _hash_positions(w[0], w[1], shape) < threshold,
                     words[np.asarray(members)])
     for row, i in enumerate(members):
-      keeps[i] = drawn[row]
+      keeps[i] = (drawn[row] if rows is None
+                  else lax.dynamic_index_in_dim(drawn, rows[i], keepdims=False))
   return keeps

@@ -28,9 +28,13 @@ from childtuning_jax import _random, _trees
 
 
 class ChildTuningFreeState(NamedTuple):
-  """State of :func:`child_tuning_free`: the PRNG key, split at every update."""
+  """State of :func:`child_tuning_free`: the PRNG key, split at every update, and per leaf
+  its row among the leaves of its shape (constants: held here, as inputs of a jitted
+  update, so that the leaves of one shape share compiled kernels; see
+  :func:`childtuning_jax._random.bernoulli_per_shape`)."""
 
   rng_key: jax.Array
+  rows: tuple | int = ()
 
 
 class ChildTuningDrivenState(NamedTuple):
@@ -116,25 +120,31 @@ def child_tuning_free(reserve_p: float | jax.Array,
   canonical_key = _trees.canonicalize_key(key)
 
   def init_fn(params):
-    del params
-    return ChildTuningFreeState(rng_key=canonical_key)
+    leaves = jax.tree.leaves(params)
+    if not leaves:  # also optax.tree_map_params's placeholder: a leaf, a prefix of any rows
+      return ChildTuningFreeState(rng_key=canonical_key, rows=0)
+    rows = _random.rows_per_shape([jnp.shape(leaf) for leaf in leaves])
+    return ChildTuningFreeState(rng_key=canonical_key,
+                                rows=tuple(jnp.asarray(row, jnp.int32) for row in rows))
 
   def update_fn(updates, state, params=None):
     del params
     next_key, mask_key = jax.random.split(state.rng_key)
     if static_p and reserve_p == 1.0:
-      return updates, ChildTuningFreeState(rng_key=next_key)
+      return updates, state._replace(rng_key=next_key)
 
     # Eq. 4-5: M ~ Bernoulli(p), g <- g * M / p, each leaf under its own key split from
     # mask_key (optax.tree_utils.tree_split_key_like's keys).
     leaves, treedef = jax.tree.flatten(updates)
+    rows = state.rows  # None where they do not match (a hand-made state): rows as constants
+    rows = rows if isinstance(rows, tuple) and len(rows) == len(leaves) else None
     keeps = _random.bernoulli_per_shape(mask_key, reserve_p, [jnp.shape(u) for u in leaves],
-                                        "reserve_p")
+                                        "reserve_p", rows=rows)
     scale = 1.0 / reserve_p if static_p else 1.0 / reserve_p.astype(jnp.float32)
     updates = jax.tree.unflatten(treedef, [
         jnp.where(keep, u * jnp.asarray(scale, u.dtype), jnp.zeros((), u.dtype))
         for keep, u in zip(keeps, leaves)])
-    return updates, ChildTuningFreeState(rng_key=next_key)
+    return updates, state._replace(rng_key=next_key)
 
   return optax.GradientTransformation(init_fn, update_fn)
 

@@ -2,6 +2,7 @@
 
 import inspect
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -236,6 +237,34 @@ def test_free_masks_are_one_bernoulli_per_leaf_under_tree_split_keys(reserve_p):
     np.testing.assert_array_equal(np.asarray(updates[name]) != 0, keep, err_msg=name)
     np.testing.assert_allclose(np.asarray(updates[name])[keep], np.asarray(grad)[keep] / 0.3,
                                rtol=1e-6)
+
+
+def _distinct_fusions(hlo: str) -> int:
+  """Fused computations of a compiled module that differ other than in their names."""
+  blocks = [b for b in hlo.split("\n\n") if b.lstrip().startswith("%fused")]
+  return len({re.sub(r"metadata=\{[^}]*\}|%[\w.\-]+", "", b.split("\n", 1)[1]) for b in blocks})
+
+
+def test_free_leaves_of_one_shape_share_their_kernels():
+  """The state's rows reach the update as inputs, so the optimizer's loops over the leaves of
+  one shape are one computation (compiled once) whatever the number of leaves; rows known at
+  compile time (a hand-made state without them) give each leaf loops of its own, and the
+  same masks."""
+  def compiled(n, rows):
+    params = {f"w{i}": jnp.ones((64, 32)) for i in range(n)}
+    tx = optax.chain(child_tuning_free(0.3, key=1), optax.adamw(1e-3))
+    state = tx.init(params)
+    if not rows:
+      state = (state[0]._replace(rows=()),) + tuple(state[1:])
+    update = jax.jit(tx.update)
+    return _distinct_fusions(update.lower(params, state, params).compile().as_text()), \
+        update(params, state, params)[0]
+  (three, _), (six, with_rows) = compiled(3, True), compiled(6, True)
+  assert six == three
+  (three, _), (six, constant_rows) = compiled(3, False), compiled(6, False)
+  assert six > three
+  for a, b in zip(jax.tree.leaves(with_rows), jax.tree.leaves(constant_rows)):
+    np.testing.assert_array_equal(a, b)
 
 
 @pytest.mark.parametrize("bad", [0.0, -0.1, 1.5, float("nan"), 1e-11])

@@ -228,6 +228,7 @@ def restore(checkpoints, state):
     raise ValueError(
         f"--resume: the checkpoint of step {checkpoints.latest_step()} in {checkpoints.directory} "
         "does not fit this run's model and optimizer (another model, number of labels or "
-        f"method?): {type(error).__name__}: {str(error).splitlines()[0][:300]}. Resume with the "
+        "method, or an optimizer state of another childtuning_jax version?): "
+        f"{type(error).__name__}: {str(error).splitlines()[0][:300]}. Resume with the "
         "checkpoint's own model and flags, or start afresh with --overwrite_output_dir.") from None
   return restored
