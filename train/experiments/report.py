@@ -1,9 +1,11 @@
 """The experiments' report: each paper table and figure from the runs' outputs (Markdown and
 CSV tables, PNG figures in ``results_dir``), and RESULTS.md around them.
 
-By name: :func:`table3_methods` (with its figure :func:`table3_methods_figure`; the paper's
-Tables 3 and 4), :func:`table5_ablations`, :func:`table2_domain`, :func:`figure2_probe`,
-:func:`figure3_overlap`, and :func:`child_network_layers` (no counterpart in the paper).
+By name: :func:`protocol_table` (with :func:`protocol_figure` and the compute table
+:func:`protocol_compute`; the paper's protocol), :func:`table3_methods` (with its figure
+:func:`table3_methods_figure`; the paper's Tables 3 and 4), :func:`table5_ablations`,
+:func:`table2_domain`, :func:`figure2_probe`, :func:`figure3_overlap`, and
+:func:`child_network_layers` (no counterpart in the paper).
 Nothing here runs a trainer: the launcher runs, the probe (``probe.py``) evaluates.
 """
 
