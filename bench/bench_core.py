@@ -392,7 +392,15 @@ HOST_MEMORY_SETTINGS = {
     "glibc's defaults": {},
     "childtuning_jax.cpu.MALLOC_ENV (one heap that keeps freed memory)": MALLOC_ENV,
     "huge pages (GLIBC_TUNABLES=glibc.malloc.hugetlb=1 MALLOC_ARENA_MAX=1)": {
-        "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1", "MALLOC_ARENA_MAX": "1"}}
+        "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1", "MALLOC_ARENA_MAX": "1"},
+    # One heap that keeps freed memory, but blocks of 32 MiB or more mapped (and unmapped when
+    # freed): a step's block of temporaries can then not be split by smaller requests.
+    "one heap, blocks ≥ 32 MiB mapped (MALLOC_ENV, MALLOC_MMAP_THRESHOLD_=32 MiB)": {
+        **{k: v for k, v in MALLOC_ENV.items() if k != "MALLOC_MMAP_MAX_"},
+        "MALLOC_MMAP_THRESHOLD_": str(32 << 20)},
+    "the same with huge pages (GLIBC_TUNABLES=glibc.malloc.hugetlb=1)": {
+        **{k: v for k, v in MALLOC_ENV.items() if k != "MALLOC_MMAP_MAX_"},
+        "MALLOC_MMAP_THRESHOLD_": str(32 << 20), "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}}
 
 
 FSDP_SIZES = (1, 2, 4, 8)
@@ -624,8 +632,7 @@ def peak_memory():
 
 
 def host_memory(reps):
-  """The vanilla step in fresh processes, with glibc's defaults and with ``MALLOC_ENV``,
-  alternating; {setting: {"median_s", "page_faults", "ratio", "ratio_95ci"}}."""
+  """The vanilla step in fresh processes, with each of ``HOST_MEMORY_SETTINGS``, alternating; {setting: {"median_s", "page_faults", "ratio", "ratio_95ci"}}."""
   runs = {name: [] for name in HOST_MEMORY_SETTINGS}
   plain = {k: v for k, v in os.environ.items()
            if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
