@@ -632,7 +632,8 @@ def peak_memory():
 
 
 def host_memory(reps):
-  """The vanilla step in fresh processes, with each of ``HOST_MEMORY_SETTINGS``, alternating; {setting: {"median_s", "page_faults", "ratio", "ratio_95ci"}}."""
+  """The vanilla step in fresh processes, with each of ``HOST_MEMORY_SETTINGS``, alternating;
+  {setting: {"median_s", "page_faults", "ratio", "ratio_95ci", "peak_mib"}}."""
   runs = {name: [] for name in HOST_MEMORY_SETTINGS}
   plain = {k: v for k, v in os.environ.items()
            if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
