@@ -669,9 +669,9 @@ def _protocol_setting(setting: Setting, grid: cells.Protocol) -> list[str]:
       "with the best mean dev score is taken; where it is at the grid's end the grid grows a "
       f"step that way, {grid.max_rate_steps} steps at most.",
       f"- Finals at the chosen rate: seeds {_seeds_text(grid.headline_seeds)} for "
-      + "; ".join(f"{model} on {cells.TASKS[task].label.split(' (')[0]} at {size}"
-                  for model, task, size in grid.headlines)
-      + f", {_seeds_text(grid.final_seeds)} elsewhere, "
+      + " and ".join(f"{model} on {cells.TASKS[task].label.split(' (')[0]} at {size}"
+                     for model, task, size in grid.headlines)
+      + f"; {_seeds_text(grid.final_seeds)} elsewhere; "
       f"scored on the first {setting.max_eval_samples} examples of the validation set.",
       f"- Training: {setting.num_train_epochs:g} epochs, batch "
       f"{setting.per_device_train_batch_size}, AdamW (eps 1e-6) with 10% warmup and linear "
