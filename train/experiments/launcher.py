@@ -7,8 +7,8 @@ Every run is one ``train.run_glue`` process with its own output directory; a fin
 checkpoint. In the paper's experiments seeds run in the outer loop, so a partial campaign has
 the same seeds in every cell; the protocol runs each cell whole (its rate selection, then its
 final seeds), in the grid's order (Child-Tuning against vanilla on every task and size
-first). Every command is built (and so validated) before the
-first run starts (a protocol cell's grid extensions, when they are chosen).
+first). Every command is built (and so validated) before the first run starts (a protocol
+cell's grid extensions, when they are chosen).
 """
 
 from __future__ import annotations

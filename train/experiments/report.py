@@ -550,6 +550,7 @@ def write_tables(setting: Setting, experiments: Sequence[str]) -> None:
   experiments = [experiment for experiment in experiments if has_runs(setting, experiment)]
   if "protocol" in experiments:
     protocol_table(setting).write(out)
+    protocol_compute(setting).write(out)
     protocol_figure(setting, out / FIGURES["protocol"])
   if "methods" in experiments:
     table3_methods(setting).write(out)
@@ -740,8 +741,6 @@ def write_results_md(setting: Setting, grid: cells.Protocol | None = None) -> Pa
   grid = grid or cells.PROTOCOL
   out, md = setting.results_dir, setting.results_md
   relative = os.path.relpath(out, md.parent)
-  if has_runs(setting, "protocol"):
-    protocol_compute(setting, grid).write(out)
   earlier = (_earlier_setting(setting)
              if has_runs(setting, "methods") or has_runs(setting, "ablations") else
              _kept(md, EARLIER_START, EARLIER_END, "Their runs are not on this machine."))
