@@ -120,7 +120,7 @@ class EncoderConfig:
     """``{"dropout_impl": ..., "dense_backward": ...}`` with ``"auto"`` resolved for
     ``backend`` (default: ``jax.default_backend()``): the CPU's speed paths (hash dropout,
     the transposed-copy backward) on ``"cpu"``, stock Flax/JAX (``nn.Dropout``, JAX's own
-    derivative) on GPU, TPU and any other backend, where nobody measured ours."""
+    derivative) on GPU, TPU and any other backend, where ours were not measured faster."""
     cpu = (backend or jax.default_backend()) == "cpu"
     defaults = {"dropout_impl": "hash" if cpu else "flax",
                 "dense_backward": "transposed_copy" if cpu else "jax"}
