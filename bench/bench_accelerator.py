@@ -2,9 +2,13 @@
 bfloat16, at BERT-base and BERT-large shapes with random weights.
 
 For each (model, dtype, mode) it reports the compile time of the step (lower + compile),
-its median time over ``--steps`` steps, the model FLOP utilisation against the chip's
-peak (``PEAK_TFLOPS``; the FLOPs are the usual analytic count of the matmuls: 6 × matmul
-parameters × tokens, plus the attention products), and the step's ratio to vanilla's.
+its step time, the model FLOP utilisation against the chip's peak (``PEAK_TFLOPS``; the
+FLOPs are the usual analytic count of the matmuls: 6 × matmul parameters × tokens, plus
+the attention products), and the step's ratio to vanilla's. The modes of one (model,
+dtype) are compiled and held together and timed in interleaved rounds in one process (on
+an H200, CT-F's step was 1.82× vanilla's in one process and 1.14× in another, each mode
+timed alone: BENCHMARKS.md), so the ratio is taken within each round; holding three training states needs about three times
+one mode's device memory (BERT-large: ~15 GiB in float32).
 It also times the per-example Fisher over one batch against one batched backward pass.
 
 It needs only jax, flax, optax and numpy (nothing from the trainer's extras) and the
@@ -178,7 +182,10 @@ def block(tree):
                       tree)
 
 
-def bench_config(size: str, dtype: str, mode: str, args) -> dict:
+def prepare(size: str, dtype: str, mode: str, args) -> tuple[dict, object]:
+  """Compiles the step of (size, dtype, mode): ``({"compile_s", "temp_mib"}, run)``, where
+  ``run(steps)`` runs that many steps from the state it keeps and returns their mean time
+  and the last loss (``run`` is None with ``--compile_only``)."""
   config = dataclasses.replace(SIZES[size], dtype=dtype)
   model = EncoderForSequenceClassification(config)
   batch = fake_batch(config, args.batch_size, args.seq_len)
@@ -202,28 +209,46 @@ def bench_config(size: str, dtype: str, mode: str, args) -> dict:
   if memory is not None:  # what the step needs beyond its arguments (backend's own count)
     result["temp_mib"] = memory.temp_size_in_bytes / 2**20
   if args.compile_only:
-    return result
-  for _ in range(2):  # warm-up
-    state, value = compiled(state, batch)
-  block(value)
-  # Rounds of steps dispatched as the trainer's loop does: back to back on an accelerator
-  # (it queues the next step while one runs), one at a time on the CPU (train/loop.py: a
-  # second step in flight holds a second block of temporaries); a round's mean per step, the
-  # median over rounds.
+    return result, None
+  # Steps dispatched as the trainer's loop does: back to back on an accelerator (it queues
+  # the next step while one runs), one at a time on the CPU (train/loop.py: a second step in
+  # flight holds a second block of temporaries).
   one_at_a_time = jax.default_backend() == "cpu"
-  rounds = []
-  for _ in range(args.rounds):
+  carry = [state]
+
+  def run(steps: int) -> tuple[float, float]:
     start = time.perf_counter()
-    for _ in range(args.steps):
-      state, value = compiled(state, batch)
+    for _ in range(steps):
+      carry[0], value = compiled(carry[0], batch)
       if one_at_a_time:
         block(value)
-    block((state, value))
-    rounds.append((time.perf_counter() - start) / args.steps)
-  result["step_s"] = statistics.median(rounds)
-  result["round_step_s"] = rounds
-  result["loss"] = float(value)
-  return result
+    block((carry[0], value))
+    return (time.perf_counter() - start) / steps, float(value)
+
+  run(2)  # warm-up
+  return result, run
+
+
+def time_interleaved(runs: dict, args) -> dict:
+  """Rounds of ``--steps`` steps of every mode in turn (the order rotated each round), so
+  that a drift of the machine's speed during the run reaches every mode alike; per mode:
+  the median over rounds of a round's mean step, and its ratio to vanilla's step of the
+  same round (median and range over rounds)."""
+  rounds = {mode: [] for mode in runs}
+  losses = {}
+  order = list(runs)
+  for r in range(args.rounds):
+    for mode in order[r % len(order):] + order[:r % len(order)]:
+      seconds, losses[mode] = runs[mode](args.steps)
+      rounds[mode].append(seconds)
+  timed = {}
+  for mode, times in rounds.items():
+    timed[mode] = {"step_s": statistics.median(times), "round_step_s": times,
+                   "loss": losses[mode]}
+    if "vanilla" in rounds:
+      ratios = [t / v for t, v in zip(times, rounds["vanilla"])]
+      timed[mode].update(ratio=statistics.median(ratios), ratio_range=[min(ratios), max(ratios)])
+  return timed
 
 
 def bench_fisher(size: str, args) -> dict:
@@ -286,7 +311,8 @@ def render(results: dict) -> str:
   if results["compile_only"]:
     lines += ["| model | dtype | mode | compile | / vanilla |", "| --- | --- | --- | ---: | ---: |"]
   else:
-    lines += ["| model | dtype | mode | compile | step | / vanilla | TFLOP/s | MFU |",
+    lines += ["| model | dtype | mode | compile | step | / vanilla (range over rounds) | "
+              "TFLOP/s | MFU |",
               "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |"]
   for row in rows:
     base = next((r for r in rows if (r["size"], r["dtype"], r["mode"]) ==
@@ -297,8 +323,10 @@ def render(results: dict) -> str:
                    f"| {ratio('compile_s', 2)} |")
       continue
     mfu = "–" if row["mfu"] is None else f"{row['mfu']:.1%}"
+    step_ratio = "–" if "ratio" not in row else (
+        f"{row['ratio']:.3f}× ({row['ratio_range'][0]:.3f}–{row['ratio_range'][1]:.3f})")
     lines.append(f"| {row['size']} | {row['dtype']} | {row['mode']} | {row['compile_s']:.1f} s | "
-                 f"{row['step_s'] * 1e3:.1f} ms | {ratio('step_s', 3)} | "
+                 f"{row['step_s'] * 1e3:.1f} ms | {step_ratio} | "
                  f"{row['tflops']:.3g} | {mfu} |")
   if results.get("fisher"):
     f = results["fisher"]
@@ -322,8 +350,10 @@ def main(argv=None):
   parser.add_argument("--batch_size", type=int, default=32)
   parser.add_argument("--seq_len", type=int, default=128)
   parser.add_argument("--steps", type=int, default=10, help="steps per timed round")
-  parser.add_argument("--rounds", type=int, default=3,
-                      help="timed rounds per configuration (the step time is their median)")
+  parser.add_argument("--rounds", type=int, default=5,
+                      help="timed rounds; each runs --steps steps of every mode in turn (the "
+                      "step time is the median over rounds, its ratio to vanilla's the median "
+                      "of the rounds' ratios)")
   parser.add_argument("--reserve_p", type=float, default=0.3)
   parser.add_argument("--compile_only", action="store_true",
                       help="compile times only, from shapes (no weights in memory)")
@@ -359,20 +389,25 @@ def main(argv=None):
   peaks = results["machine"]["peak_tflops"]
   for dtype in dtypes:  # in the order asked: the default puts what matters most first
     for size in sizes:
+      rows, runs = {}, {}  # the modes of one (dtype, size) held at once, timed interleaved
       for mode in modes:
-        name = f"{size}/{dtype}/{mode}"
         if time.perf_counter() - start > args.budget_s:
-          results["left_out"].append(name)
+          results["left_out"].append(f"{size}/{dtype}/{mode}")
           continue
-        row = {"size": size, "dtype": dtype, "mode": mode,
-               **bench_config(size, dtype, mode, args)}
-        if not args.compile_only:
-          row["tflops"] = step_flops(SIZES[size], args.batch_size, args.seq_len) / row["step_s"] / 1e12
-          row["mfu"] = None if peaks is None else row["tflops"] / peaks[dtype]
-        results["steps"].append(row)
-        print(name, json.dumps({k: v for k, v in row.items() if k.endswith("_s") or k == "mfu"}),
-              flush=True)
-        write_json(results, args.out)  # so far: a run stopped later keeps what it measured
+        rows[mode], runs[mode] = prepare(size, dtype, mode, args)
+      if runs and not args.compile_only:
+        for mode, timed in time_interleaved(runs, args).items():
+          rows[mode].update(timed)
+          rows[mode]["tflops"] = (step_flops(SIZES[size], args.batch_size, args.seq_len)
+                                  / timed["step_s"] / 1e12)
+          rows[mode]["mfu"] = None if peaks is None else rows[mode]["tflops"] / peaks[dtype]
+      del runs  # frees this group's device memory before the next
+      for mode, row in rows.items():
+        results["steps"].append({"size": size, "dtype": dtype, "mode": mode, **row})
+        print(f"{size}/{dtype}/{mode}",
+              json.dumps({k: v for k, v in row.items()
+                          if k.endswith("_s") or k in ("mfu", "ratio")}), flush=True)
+      write_json(results, args.out)  # so far: a run stopped later keeps what it measured
   if not args.compile_only and args.fisher_size != "none":
     if time.perf_counter() - start > args.budget_s:
       results["left_out"].append(f"{args.fisher_size}/fisher")

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 # Run the script with the trainer's package and extras made unimportable, as on a machine
@@ -40,6 +42,8 @@ def test_tiny_run_needs_only_jax_flax_optax_numpy(tmp_path):
     assert row["compile_s"] > 0 and row["step_s"] > 0 and row["tflops"] > 0
     assert 0 < row["mfu"] < 1  # against this CPU's estimated peak
     assert 0 < row["loss"] < 5  # two classes: about log 2 at random init
+    assert row["ratio_range"][0] <= row["ratio"] <= row["ratio_range"][1]
+  assert rows["tiny", "float32", "vanilla"]["ratio"] == 1.0
   assert results["fisher"]["per_example_fisher_s"] > 0 and results["fisher"]["ratio"] > 0
   assert results["machine"]["backend"] == "cpu" and not results["left_out"]
   assert "| tiny | bfloat16 | CT-F |" in done.stdout and "Per-example Fisher" in done.stdout
@@ -63,3 +67,30 @@ def test_flops_count_and_peaks():
   assert bench.chip_peak(Device())[1] == bench.PEAK_TFLOPS["TPU v5 lite"]
   Device.device_kind = "some future chip"
   assert bench.chip_peak(Device())[1] is None
+
+
+def test_interleaved_rounds_take_each_ratio_within_its_round():
+  """The machine slows down 3x from one round to the next; each mode's ratio to vanilla
+  is still its own (taken within rounds), and each round starts with another mode."""
+  sys.path.insert(0, str(ROOT / "bench"))
+  import bench_accelerator as bench
+
+  calls = []
+  cost = {"vanilla": 1.0, "CT-F": 1.25, "CT-D": 0.9}
+
+  def fake(mode):
+    def run(steps):
+      drift = 3.0 ** (len(calls) // len(cost))  # the round this call belongs to
+      calls.append(mode)
+      return cost[mode] * drift, 0.5
+    return run
+
+  class Args:
+    rounds, steps = 3, 10
+  timed = bench.time_interleaved({mode: fake(mode) for mode in cost}, Args)
+  assert calls == ["vanilla", "CT-F", "CT-D", "CT-F", "CT-D", "vanilla", "CT-D", "vanilla", "CT-F"]
+  for mode, factor in cost.items():
+    assert timed[mode]["ratio"] == pytest.approx(factor)
+    assert timed[mode]["ratio_range"] == pytest.approx([factor, factor])
+    assert timed[mode]["step_s"] == pytest.approx(factor * 3.0)  # the median round
+    assert timed[mode]["round_step_s"] == pytest.approx([factor, factor * 3, factor * 9])
