@@ -35,7 +35,9 @@ import optax  # noqa: E402
 
 from childtuning_jax import (_random, child_tuning_adamw, child_tuning_driven,  # noqa: E402
                             child_tuning_free, estimate_fisher, fisher as fisher_module)
-from childtuning_jax.cpu import MALLOC_ENV, restart_keeping_freed_memory  # noqa: E402
+from childtuning_jax.cpu import (MALLOC_ENV, MALLOC_ENV_NO_MMAP, MALLOC_VARIABLES,  # noqa: E402
+                                 peak_rss_mib,
+                                 restart_keeping_freed_memory)
 from childtuning_jax.models import (EncoderConfig, EncoderForSequenceClassification,  # noqa: E402
                                     encoder)
 from childtuning_jax.models import loading  # noqa: E402
@@ -390,17 +392,15 @@ def bench_fisher(config, reps):
 # glibc malloc settings of the host-memory workloads: {name: environment variables}.
 HOST_MEMORY_SETTINGS = {
     "glibc's defaults": {},
-    "childtuning_jax.cpu.MALLOC_ENV (one heap that keeps freed memory)": MALLOC_ENV,
+    "childtuning_jax.cpu.MALLOC_ENV_NO_MMAP (one heap that keeps freed memory)": MALLOC_ENV_NO_MMAP,
     "huge pages (GLIBC_TUNABLES=glibc.malloc.hugetlb=1 MALLOC_ARENA_MAX=1)": {
         "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1", "MALLOC_ARENA_MAX": "1"},
     # One heap that keeps freed memory, but blocks of 32 MiB or more mapped (and unmapped when
     # freed): a step's block of temporaries can then not be split by smaller requests.
-    "one heap, blocks ≥ 32 MiB mapped (MALLOC_ENV, MALLOC_MMAP_THRESHOLD_=32 MiB)": {
-        **{k: v for k, v in MALLOC_ENV.items() if k != "MALLOC_MMAP_MAX_"},
+    "one heap, blocks ≥ 32 MiB mapped (MALLOC_ENV_NO_MMAP, MALLOC_MMAP_THRESHOLD_=32 MiB)": {
+        **{k: v for k, v in MALLOC_ENV_NO_MMAP.items() if k != "MALLOC_MMAP_MAX_"},
         "MALLOC_MMAP_THRESHOLD_": str(32 << 20)},
-    "the same with huge pages (GLIBC_TUNABLES=glibc.malloc.hugetlb=1)": {
-        **{k: v for k, v in MALLOC_ENV.items() if k != "MALLOC_MMAP_MAX_"},
-        "MALLOC_MMAP_THRESHOLD_": str(32 << 20), "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}}
+    "the same with huge pages (childtuning_jax.cpu.MALLOC_ENV)": MALLOC_ENV}
 
 
 FSDP_SIZES = (1, 2, 4, 8)
@@ -532,13 +532,6 @@ def run_workload(name):
   return peak_rss_mib()
 
 
-def peak_rss_mib():
-  """This process's peak resident set, MiB. VmHWM, not ru_maxrss: the latter keeps the
-  high-water mark of the parent across fork/exec."""
-  status = Path("/proc/self/status").read_text()
-  return int(next(l.split()[1] for l in status.splitlines() if l.startswith("VmHWM"))) / 1024
-
-
 BERT_LARGE = EncoderConfig(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
                            intermediate_size=4096)
 
@@ -649,6 +642,27 @@ def host_memory(reps):
           for name, rs in runs.items()}
 
 
+def malloc_of_process() -> str:
+  """The glibc malloc settings this process runs with, by name where they are one of
+  childtuning_jax.cpu's."""
+  env = {k: os.environ[k] for k in sorted(MALLOC_VARIABLES) if k in os.environ}
+  for name, known in (("MALLOC_ENV", MALLOC_ENV), ("MALLOC_ENV_NO_MMAP", MALLOC_ENV_NO_MMAP)):
+    if env == known:
+      return f"childtuning_jax.cpu.{name}"
+  return " ".join(f"{k}={v}" for k, v in env.items()) or "glibc's defaults"
+
+
+def malloc_sentence(results) -> str:
+  """Which glibc malloc settings measured which sections (``results["malloc"]``)."""
+  by_setting = {}
+  for section, setting in results.get("malloc", {}).items():
+    by_setting.setdefault(setting, []).append(section)
+  if len(by_setting) <= 1:
+    return "".join(f" glibc malloc: `{setting}`." for setting in by_setting)
+  return " glibc malloc: " + "; ".join(
+      f"`{setting}` for {', '.join(sections)}" for setting, sections in by_setting.items()) + "."
+
+
 def merge_rerun(out, results, only):
   """With ``--only``: the rerun sections merged into the last full run's results in ``out``
   (None if there is none)."""
@@ -656,6 +670,7 @@ def merge_rerun(out, results, only):
     return None
   previous = json.loads(out.read_text())
   rerun = {key: results[key] for key in only.split(",")}
+  rerun["malloc"] = {**previous.get("malloc", {}), **results.get("malloc", {})}
   return {**previous, **rerun,
           "command": previous["command"] + f"; then {results['command']} --only {only}",
           "wall_minutes": previous["wall_minutes"] + results["wall_minutes"]}
@@ -676,7 +691,7 @@ def render(results):
            "Times are medians; a ratio is the median, over repetitions, of the row's time over "
            "the first row's time in the same repetition (variants run in a random order in each "
            "repetition); "
-           "its interval is a 95% bootstrap interval.",
+           "its interval is a 95% bootstrap interval." + malloc_sentence(results),
            ""]
   for title, key in (("Threefry-2x32 on 5.6M counters", "threefry"),
                      ("Optimizer update alone, all-MiniLM-L6 tree (22.7M parameters)", "update_minilm"),
@@ -739,7 +754,7 @@ def render(results):
     lines.append("")
   if "host_memory" in results:
     lines += ["### Host memory: the vanilla step in a fresh process, with glibc's malloc "
-              "defaults, with `childtuning_jax.cpu.MALLOC_ENV` and with huge pages", "",
+              "defaults, with one heap that keeps freed memory, and with huge pages", "",
               "| glibc malloc | median step | minor page faults per step | ratio | 95% interval "
               "| peak RSS of each process |",
               "| --- | ---: | ---: | ---: | ---: | ---: |"]
@@ -750,7 +765,8 @@ def render(results):
     lines += ["", f"{len(next(iter(results['host_memory'].values())).get('peak_mib', [])) or 3} "
               "processes per setting, alternating; each time is the median of five steps "
               "after two warm-up steps. The other tables of this section were measured with "
-              "the `MALLOC_ENV` of their run (the script restarts itself with it).", ""]
+              "the glibc malloc settings named at its top (the script restarts itself with "
+              "`childtuning_jax.cpu.malloc_env()`).", ""]
   if "fsdp_memory" in results:
     rows = results["fsdp_memory"]
     lines += [f"### `--fsdp N`: per-device bytes of the trainer's compiled step, BERT-large "
@@ -766,7 +782,8 @@ def render(results):
     runs = results["rss_stages"]
     names = list(runs)
     lines += ["### Where a training process's memory goes: resident set after each stage "
-              "(MiniLM-L6 step, batch 32 × 128, a fresh process each, `MALLOC_ENV`)", "",
+              "(MiniLM-L6 step, batch 32 × 128, a fresh process each, "
+              f"`{results.get('malloc', {}).get('rss_stages', 'MALLOC_ENV')}`)", "",
               "| stage | " + " | ".join(names) + " |", "| --- |" + " ---: |" * len(names)]
     for stage in runs[names[0]]["stages"]:
       lines.append(f"| {stage} | " + " | ".join(
@@ -820,6 +837,7 @@ def main():
     if args.only and key not in args.only.split(","):
       continue
     results[key] = fn()
+    results.setdefault("malloc", {})[key] = malloc_of_process()
     print(key, json.dumps(results[key], indent=1), flush=True)
   results["wall_minutes"] = (time.time() - start) / 60
   if args.quick:

@@ -41,10 +41,11 @@ import optax  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from bench_core import (alternating_times, machine, merge_rerun, paired_ratio,  # noqa: E402
-                        peak_memory_of, peak_rss_mib, trainer_step, update_benchmarks_md)
+from bench_core import (alternating_times, machine, malloc_of_process,  # noqa: E402
+                        malloc_sentence, merge_rerun, paired_ratio, peak_memory_of,
+                        trainer_step, update_benchmarks_md)
 from childtuning_jax import estimate_fisher  # noqa: E402
-from childtuning_jax.cpu import restart_keeping_freed_memory  # noqa: E402
+from childtuning_jax.cpu import peak_rss_mib, restart_keeping_freed_memory  # noqa: E402
 from childtuning_jax.models import embedded_model_path, load_pretrained  # noqa: E402
 from train import trainer  # noqa: E402
 from train.arguments import TrainingArguments  # noqa: E402
@@ -317,7 +318,7 @@ def render(results):
            f"`{results['command']}` ({results['wall_minutes']:.1f} min). The all-MiniLM-L6-v2 "
            f"weights, a batch of {BATCH} × {SEQ_LEN} tokens. Ratio: JAX time / PyTorch time in "
            "the same repetition, median over repetitions, with its 95% bootstrap interval; "
-           "below 1 means JAX is faster.", ""]
+           "below 1 means JAX is faster." + malloc_sentence(results), ""]
   for title, key in (("Full training step (dropout on, clip 1.0, then the mode's AdamW)", "train_step"),
                      ("Optimizer update alone (clip 1.0, mask, AdamW, apply)", "update"),
                      (f"Fisher information over {BATCH} examples (model deterministic)", "fisher")):
@@ -358,6 +359,7 @@ def main():
     if args.only and key not in args.only.split(","):
       continue
     results[key] = fn()
+    results.setdefault("malloc", {})[key] = malloc_of_process()
     print(key, json.dumps(results[key], indent=1), flush=True)
   results["wall_minutes"] = (time.time() - start) / 60
   if args.quick:

@@ -22,7 +22,8 @@ from train import checkpoints, input_pipeline, loop, run_glue, trainer  # noqa: 
 
 FLAGS = ["--mode", "ChildTuning-F", "--learning_rate", "1e-3", "--max_steps", "8",
          "--save_steps", "3", "--warmup_steps", "2", "--seed", "7"]
-TIMINGS = ("examples_per_second", "train_runtime", "train_samples_per_second")
+TIMINGS = ("examples_per_second", "train_runtime", "train_samples_per_second",
+           "peak_host_memory_mib")
 
 
 def run(tiny, output_dir, *flags):

@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 
 import childtuning_jax as ct
 from childtuning_jax import _trees
+from childtuning_jax.cpu import peak_rss_mib
 from train.metrics import compute_metrics
 from childtuning_jax.models import embedded_model_path, load_config, load_pretrained, resolve_checkpoint
 from train import checkpoints as checkpoints_lib
@@ -625,6 +626,9 @@ def evaluate_and_write(setup: Setup, state: TrainState, log: loop.MetricsLog, ru
         "train_samples_per_second": (round(steps_run * steps.batch_size / runtime, 3)
                                      if steps_run else 0.0),
         "epoch": round(steps.total / steps.per_epoch, 4),
+        # This process's peak host memory so far (childtuning_jax/cpu.py sets how glibc
+        # allocates it on CPU; BENCHMARKS.md, Trainer throughput, compares the settings).
+        "peak_host_memory_mib": round(peak_rss_mib(), 1),
     }
     if child_network_runtime is not None:  # CT-D: Fisher pass and selection, before training
       train_results["child_network_runtime"] = child_network_runtime
