@@ -486,7 +486,8 @@ def rss_stages_workload(name):
 
 
 def rss_stages():
-  """Each RSS_STAGE_WORKLOADS workload in a fresh process (with this script's MALLOC_ENV)."""
+  """Each RSS_STAGE_WORKLOADS workload in a fresh process (with this script's glibc malloc
+  settings, childtuning_jax.cpu.malloc_env())."""
   result = {}
   for name in RSS_STAGE_WORKLOADS:
     out = subprocess.run([sys.executable, __file__, "--workload", f"rss stages: {name}"],
@@ -783,7 +784,7 @@ def render(results):
     names = list(runs)
     lines += ["### Where a training process's memory goes: resident set after each stage "
               "(MiniLM-L6 step, batch 32 × 128, a fresh process each, "
-              f"`{results.get('malloc', {}).get('rss_stages', 'MALLOC_ENV')}`)", "",
+              f"`{results.get('malloc', {}).get('rss_stages', 'malloc_env()')}`)", "",
               "| stage | " + " | ".join(names) + " |", "| --- |" + " ---: |" * len(names)]
     for stage in runs[names[0]]["stages"]:
       lines.append(f"| {stage} | " + " | ".join(
