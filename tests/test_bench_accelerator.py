@@ -31,7 +31,9 @@ def test_tiny_run_needs_only_jax_flax_optax_numpy(tmp_path):
   out = tmp_path / "accelerator.json"
   env = {**os.environ, "PYTHONPATH": str(ROOT)}
   env.pop("XLA_FLAGS", None)  # one device, as the command line runs it
-  done = subprocess.run([sys.executable, "-c", BLOCKED_RUN, "--tiny", "--out", str(out)],
+  # Two compiles at a time: the threaded path (the serial one is the same prepare()).
+  done = subprocess.run([sys.executable, "-c", BLOCKED_RUN, "--tiny", "--compile_threads", "2",
+                         "--out", str(out)],
                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert done.returncode == 0, done.stderr[-3000:]
   results = json.loads(out.read_text())
@@ -47,6 +49,7 @@ def test_tiny_run_needs_only_jax_flax_optax_numpy(tmp_path):
   assert results["fisher"]["per_example_fisher_s"] > 0 and results["fisher"]["ratio"] > 0
   assert results["machine"]["backend"] == "cpu" and not results["left_out"]
   assert "| tiny | bfloat16 | CT-F |" in done.stdout and "Per-example Fisher" in done.stdout
+  assert results["compile_threads"] == 2 and "compiled 2 at a time" in done.stdout
 
 
 def test_flops_count_and_peaks():
