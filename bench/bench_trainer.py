@@ -70,6 +70,12 @@ def run_mode(mode: str, args, output_dir: Path, malloc: dict | None = None) -> d
           "peak_host_memory_mib": results["peak_host_memory_mib"]}
 
 
+def medians(runs: dict) -> dict:
+  """{name: {key: median over the name's runs}} of ``{name: [run results]}``."""
+  return {name: {key: float(np.median([r[key] for r in rs])) for key in rs[0]}
+          for name, rs in runs.items()}
+
+
 def _runs(count: int) -> str:
   return "one run" if count == 1 else f"medians of {count} runs"
 
@@ -125,8 +131,7 @@ def compare_malloc(args):
         print(f"rep {rep} {name}: {runs[name][-1]}", flush=True)
   results = json.loads(args.out.read_text()) if args.out.exists() else {}
   results.update({"malloc_machine": machine(), "malloc_steps": args.steps, "malloc_reps": args.reps,
-                  "malloc": {name: {key: float(np.median([r[key] for r in rs])) for key in rs[0]}
-                             for name, rs in runs.items()},
+                  "malloc": medians(runs),
                   "malloc_runs": runs})
   args.out.parent.mkdir(parents=True, exist_ok=True)
   args.out.write_text(json.dumps(results, indent=2) + "\n")
@@ -161,8 +166,7 @@ def main():
   results = {**{k: v for k, v in previous.items() if k.startswith("malloc")},  # --malloc's
              "machine": machine(), "steps": args.steps, "reps": args.reps,
              "fisher_num_examples": args.fisher_num_examples,
-             "modes": {mode: {key: float(np.median([r[key] for r in rs])) for key in rs[0]}
-                       for mode, rs in runs.items()},
+             "modes": medians(runs),
              "runs": runs}
   args.out.parent.mkdir(parents=True, exist_ok=True)
   args.out.write_text(json.dumps(results, indent=2) + "\n")

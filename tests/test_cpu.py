@@ -25,6 +25,7 @@ SCRIPT = textwrap.dedent("""
       from childtuning_jax.cpu import restart_keeping_freed_memory
       restart_keeping_freed_memory()
     import jax, jax.numpy as jnp, numpy as np
+    from childtuning_jax.cpu import peak_rss_mib
     f = jax.jit(lambda x, w1, w2: (x @ w1) @ w2)
     if sys.argv[2:] == ["big"]:  # a 512 MiB temporary, a 512 KiB output
       x, w1, w2 = jnp.ones((16384, 8)), jnp.ones((8, 8192)) / 8, jnp.ones((8192, 8)) / 8192
@@ -36,8 +37,7 @@ SCRIPT = textwrap.dedent("""
       jax.block_until_ready(f(x, w1, w2))
       faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
       junk = [bytearray(1000) for _ in range(2000)]  # small requests between calls
-      status = open("/proc/self/status").read().splitlines()
-      peaks.append(int(next(l.split()[1] for l in status if l.startswith("VmHWM"))) / 1024)
+      peaks.append(peak_rss_mib())
     print(json.dumps({"env": {k: v for k, v in os.environ.items()
                               if k.startswith("MALLOC_") or k == "GLIBC_TUNABLES"},
                       "faults": faults, "peak_mib": peaks}))

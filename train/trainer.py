@@ -627,7 +627,8 @@ def evaluate_and_write(setup: Setup, state: TrainState, log: loop.MetricsLog, ru
                                      if steps_run else 0.0),
         "epoch": round(steps.total / steps.per_epoch, 4),
         # This process's peak host memory so far (childtuning_jax/cpu.py sets how glibc
-        # allocates it on CPU; BENCHMARKS.md, Trainer throughput, compares the settings).
+        # allocates it on CPU; BENCHMARKS.md, Trainer: throughput and peak host memory per
+        # glibc malloc setting, compares the settings).
         "peak_host_memory_mib": round(peak_rss_mib(), 1),
     }
     if child_network_runtime is not None:  # CT-D: Fisher pass and selection, before training
