@@ -10,6 +10,9 @@ an H200, CT-F's step was 1.82× vanilla's in one process and 1.14× in another, 
 timed alone: BENCHMARKS.md), so the ratio is taken within each round; holding three training states needs about three times
 one mode's device memory (BERT-large: ~15 GiB in float32).
 It also times the per-example Fisher over one batch against one batched backward pass.
+``--profile`` traces each mode's steps with JAX's profiler and reports the device's busy
+time per step by kind of kernel (``bench/kernel_profile.py``): on a GPU, busy time well
+below the step's wall time means the device waits on the host.
 
 It needs only jax, flax, optax and numpy (nothing from the trainer's extras) and the
 library in this repository:
@@ -17,6 +20,7 @@ library in this repository:
   PYTHONPATH=. python3 bench/bench_accelerator.py                 (BERT-base and BERT-large)
   PYTHONPATH=. python3 bench/bench_accelerator.py --tiny          (a tiny model, seconds, CPU)
   PYTHONPATH=. python3 bench/bench_accelerator.py --compile_only --sizes minilm,bert-base,bert-large
+  PYTHONPATH=. python3 bench/bench_accelerator.py --render bench/results/accelerator_steps_gpu.json
 
 The step is the trainer's: dropout on, gradients clipped to norm 1, then the mode's mask
 and AdamW (weight decay 0.01); CT-D's child network is a random one of ``--reserve_p``
@@ -47,10 +51,12 @@ import numpy as np
 import optax
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:  # run as a script from anywhere
-  sys.path.insert(0, str(ROOT))
+for path in (ROOT, ROOT / "bench"):  # run as a script from anywhere
+  if str(path) not in sys.path:
+    sys.path.insert(0, str(path))
 
 from childtuning_jax import child_tuning_adamw, estimate_fisher  # noqa: E402
+from kernel_profile import KINDS, profile_kernels  # noqa: E402  (bench/, beside this file)
 from childtuning_jax.models import EncoderConfig, EncoderForSequenceClassification  # noqa: E402
 
 SIZES = {
@@ -227,6 +233,8 @@ def prepare(size: str, dtype: str, mode: str, args) -> tuple[dict, object]:
     return (time.perf_counter() - start) / steps, float(value)
 
   run(2)  # warm-up
+  if args.profile:
+    run.hlo_text = compiled.as_text()  # what each traced operation is made of
   return result, run
 
 
@@ -294,7 +302,8 @@ def machine() -> dict:
           "peak_tflops": None if peaks is None else dict(zip(DTYPES, peaks)),
           "matmul_tflops": dict(zip(DTYPES, measured)),
           "jax": jax.__version__, "flax": flax.__version__, "optax": optax.__version__,
-          "python": platform.python_version(), "host_cores": os.cpu_count()}
+          "python": platform.python_version(), "host_cores": os.cpu_count(),
+          "xla_flags": os.environ.get("XLA_FLAGS", "")}
 
 
 def render(results: dict) -> str:
@@ -306,6 +315,7 @@ def render(results: dict) -> str:
            + ("" if m["backend"] == "cpu" else
               f" (measured: {m['matmul_tflops']['float32']:.1f} / "
               f"{m['matmul_tflops']['bfloat16']:.1f} on an {ACCELERATOR_MATMUL_N}² matmul)")
+           + (f"; XLA_FLAGS `{m['xla_flags']}`" if m.get("xla_flags") else "")
            + f". Batch {results['batch_size']} × {results['seq_len']} tokens"
            + (f"; the modes compiled {results['compile_threads']} at a time (each compile "
               "time measured while others ran)" if results.get("compile_threads", 1) > 1 else "")
@@ -332,6 +342,24 @@ def render(results: dict) -> str:
     lines.append(f"| {row['size']} | {row['dtype']} | {row['mode']} | {row['compile_s']:.1f} s | "
                  f"{row['step_s'] * 1e3:.1f} ms | {step_ratio} | "
                  f"{row['tflops']:.3g} | {mfu} |")
+  profiled = [row for row in rows if "profile" in row]
+  if profiled:
+    lines += ["", "Device time per step by kind of kernel (JAX's profiler, "
+              "`bench/kernel_profile.py`): busy is the sum over the device's kernels (a CUDA "
+              "graph counts as one), beside the step's wall time; busy MFU is the MFU the "
+              "step would have if the device never waited:", "",
+              "| model | dtype | mode | step | busy | busy MFU | " + " | ".join(KINDS)
+              + " | slowest |",
+              "| --- | --- | --- | ---: | ---: | ---: | " + "---: | " * len(KINDS) + "--- |"]
+    for row in profiled:
+      prof = row["profile"]
+      op, kind, seconds = prof["top"][0] if prof["top"] else ("–", "", 0.0)
+      busy_mfu = ("–" if row["mfu"] is None or not prof["total_s"]
+                  else f"{row['mfu'] * row['step_s'] / prof['total_s']:.1%}")
+      lines.append(f"| {row['size']} | {row['dtype']} | {row['mode']} | "
+                   f"{row['step_s'] * 1e3:.2f} ms | {prof['total_s'] * 1e3:.2f} ms | {busy_mfu} | "
+                   + " | ".join(f"{prof['by_kind'][k] * 1e3:.2f} ms" for k in KINDS)
+                   + f" | `{op[:40]}` ({kind}, {seconds * 1e3:.2f} ms) |")
   if results.get("fisher"):
     f = results["fisher"]
     lines += ["", f"Per-example Fisher over {results['batch_size']} examples ({f['size']}, "
@@ -365,15 +393,25 @@ def main(argv=None):
                       help="the model of the Fisher measurement ('none' to skip)")
   parser.add_argument("--fisher_chunk", type=int, default=8)
   parser.add_argument("--fisher_reps", type=int, default=3)
-  parser.add_argument("--compile_threads", type=int, default=1,
+  parser.add_argument("--profile", action="store_true",
+                      help="after the timed rounds, trace --steps more steps of each mode with "
+                      "JAX's profiler and report the device time per step by kind of kernel "
+                      "(matmul, random bits, other) and the slowest operations")
+  parser.add_argument("--compile_threads", type=int, default=None,
                       help="compile the modes of a (model, dtype) this many at a time, in "
                       "threads: less wall time where compiling leaves cores idle (a GPU host), "
-                      "each compile time then measured while others run")
+                      "each compile time then measured while others run (default: all modes "
+                      "at once on an accelerator, one at a time on the CPU)")
   parser.add_argument("--budget_s", type=float, default=420.0,
                       help="start no configuration after this many seconds")
   parser.add_argument("--tiny", action="store_true",
                       help="the tiny model, batch 4 x 32, 2 steps: a smoke run (CPU, seconds)")
   parser.add_argument("--out", help="write the results as JSON here")
+  parser.add_argument("--render", metavar="JSON",
+                      help="run nothing: print the table of a stored run's JSON (with "
+                      "--benchmarks_md, rewrite its section of BENCHMARKS.md)")
+  parser.add_argument("--section", help="the BENCHMARKS.md section --benchmarks_md writes "
+                      "(default: bench_accelerator_steps, or _compile with --compile_only)")
   parser.add_argument("--benchmarks_md", action="store_true",
                       help="also write the table into BENCHMARKS.md (its own section per backend "
                       "and kind of run) and the JSON into bench/results/")
@@ -386,6 +424,15 @@ def main(argv=None):
                                 ("--modes", modes, MODES)):
     if unknown := [v for v in values if v not in allowed]:
       parser.error(f"{name}: unknown {unknown}; choose from {list(allowed)}")
+  if args.compile_threads is None:  # a CPU's compiles already use its cores
+    args.compile_threads = 1 if jax.default_backend() == "cpu" else len(modes)
+  if args.render:
+    results = json.loads(Path(args.render).read_text())
+    section = render(results)
+    print(section)
+    if args.benchmarks_md:
+      write_section(section, results, args.section)
+    return results
   kind = "compile" if args.compile_only else "steps"
   if args.benchmarks_md and not args.out:
     args.out = str(ROOT / "bench" / "results" / f"accelerator_{kind}_{jax.default_backend()}.json")
@@ -412,6 +459,13 @@ def main(argv=None):
           rows[mode], runs[mode] = prepare(size, dtype, mode, args)
       if runs and not args.compile_only:
         for mode, timed in time_interleaved(runs, args).items():
+          if args.profile:
+            try:  # a profiler this platform lacks costs the profile, not the run
+              timed["profile"] = profile_kernels(lambda: runs[mode](args.steps),
+                                                 runs[mode].hlo_text, args.steps)
+            except Exception as error:  # noqa: BLE001
+              timed["profile_error"] = f"{type(error).__name__}: {error}"
+              print(f"  profile failed: {timed['profile_error']}", flush=True)
           rows[mode].update(timed)
           rows[mode]["tflops"] = (step_flops(SIZES[size], args.batch_size, args.seq_len)
                                   / timed["step_s"] / 1e12)
@@ -432,14 +486,19 @@ def main(argv=None):
   section = render(results)
   print(section)
   if args.benchmarks_md:
-    from benchmarks_md import update_benchmarks_md  # bench/ is on the path when run as a script
-
-    name = f"bench_accelerator_{kind}"
-    title = ("Compile times of the training step" if args.compile_only
-             else "Accelerator benchmark: training step, MFU, Fisher")
-    update_benchmarks_md(section, results["machine"]["backend"], name=name, title=title)
+    write_section(section, results, args.section)
   write_json(results, args.out)
   return results
+
+
+def write_section(section: str, results: dict, name: str | None):
+  """Writes ``section`` into its place in BENCHMARKS.md (one per backend and kind of run)."""
+  from benchmarks_md import update_benchmarks_md  # bench/ is on the path when run as a script
+
+  name = name or f"bench_accelerator_{'compile' if results['compile_only'] else 'steps'}"
+  title = ("Compile times of the training step" if results["compile_only"]
+           else "Accelerator benchmark: training step, MFU, Fisher")
+  update_benchmarks_md(section, results["machine"]["backend"], name=name, title=title)
 
 
 def write_json(results: dict, path: str | None):

@@ -18,7 +18,6 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_enable_
 
 import argparse  # noqa: E402
 import collections  # noqa: E402
-import gzip  # noqa: E402
 import json  # noqa: E402
 import re  # noqa: E402
 import tempfile  # noqa: E402
@@ -29,6 +28,7 @@ import jax  # noqa: E402
 
 from childtuning_jax.cpu import restart_keeping_freed_memory  # noqa: E402
 
+from kernel_profile import traced_op_times  # noqa: E402
 from bench_core import (BATCH, MINILM_L6, SEQ_LEN, fake_batch, init_params, machine,  # noqa: E402
                         train_transforms, trainer_step, update_benchmarks_md)
 
@@ -72,18 +72,17 @@ def profile(mode, steps):
   for _ in range(2):
     jax.block_until_ready(step())
   with tempfile.TemporaryDirectory() as trace_dir:
-    jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)
+    jax.profiler.start_trace(trace_dir)
     start = time.perf_counter()
     for _ in range(steps):
       jax.block_until_ready(step())
     wall = (time.perf_counter() - start) / steps
     jax.profiler.stop_trace()
-    trace = json.load(gzip.open(next(Path(trace_dir).rglob("*perfetto_trace.json.gz"))))
-  events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    times, _ = traced_op_times(trace_dir)
   totals = collections.Counter()
-  for event in events:
-    if event.get("ph") == "X" and event.get("name") in groups:
-      totals[groups[event["name"]]] += event["dur"] * 1e-6 / steps
+  for op, seconds in times.items():
+    if op in groups:
+      totals[groups[op]] += seconds / steps
   return {"wall_s": wall, "groups": {f"{g}|{p}": t for (g, p), t in totals.items()}}
 
 

@@ -33,7 +33,7 @@ def test_tiny_run_needs_only_jax_flax_optax_numpy(tmp_path):
   env.pop("XLA_FLAGS", None)  # one device, as the command line runs it
   # Two compiles at a time: the threaded path (the serial one is the same prepare()).
   done = subprocess.run([sys.executable, "-c", BLOCKED_RUN, "--tiny", "--compile_threads", "2",
-                         "--out", str(out)],
+                         "--profile", "--out", str(out)],
                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert done.returncode == 0, done.stderr[-3000:]
   results = json.loads(out.read_text())
@@ -50,6 +50,15 @@ def test_tiny_run_needs_only_jax_flax_optax_numpy(tmp_path):
   assert results["machine"]["backend"] == "cpu" and not results["left_out"]
   assert "| tiny | bfloat16 | CT-F |" in done.stdout and "Per-example Fisher" in done.stdout
   assert results["compile_threads"] == 2 and "compiled 2 at a time" in done.stdout
+  for row in rows.values():  # --profile: the device time of each step, by kind of kernel
+    assert row["profile"]["total_s"] > 0 and row["profile"]["by_kind"]["matmul"] > 0
+  assert "Device time per step by kind of kernel" in done.stdout
+  # --render prints the same table from the JSON alone, running nothing.
+  rendered = subprocess.run([sys.executable, "-c", BLOCKED_RUN, "--render", str(out)],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+  assert rendered.returncode == 0, rendered.stderr[-3000:]
+  table = rendered.stdout.strip()
+  assert table.startswith("Device: CPU") and table in done.stdout
 
 
 def test_flops_count_and_peaks():
