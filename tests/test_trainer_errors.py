@@ -215,3 +215,26 @@ def test_a_disk_that_fills_during_a_save_is_reported_with_its_cause(capsys, tiny
   assert code == 1
   assert last.startswith("OSError: could not write the checkpoint of step")
   assert "No space left on device" in last and "--resume" in last
+
+
+def test_a_failed_background_write_still_releases_the_checkpoint_manager():
+  """Closing after orbax's background write failed reports that write's error and still
+  closes the manager, whose writer threads would otherwise outlive the run."""
+  class Manager:
+    directory, closed = Path("/checkpoints"), False
+
+    def latest_step(self):
+      return 4
+
+    def wait_until_finished(self):
+      raise RuntimeError("write failed") from OSError(errno.ENOSPC, "No space left on device")
+
+    def close(self):
+      self.closed = True
+      raise RuntimeError("closing after a failed write")  # must not hide the write's error
+
+  manager = Manager()
+  saver = checkpoints.Saver(manager, {}, batch_size=8)
+  with pytest.raises(OSError, match="could not write the checkpoint of step 4.*No space left"):
+    saver.close()
+  assert manager.closed

@@ -164,9 +164,15 @@ class Saver:
             else "No checkpoint was written.")
 
   def close(self) -> None:
-    """Waits for the checkpoint being written in the background, then releases the manager."""
-    with self._errors(self.last_step):
-      self.manager.wait_until_finished()
+    """Waits for the checkpoint being written in the background, then releases the manager,
+    also when that write failed (orbax's writer threads must not outlive the run)."""
+    try:
+      with self._errors(self.last_step):
+        self.manager.wait_until_finished()
+    except BaseException:
+      with contextlib.suppress(Exception):  # the write's own error is the one to report
+        self.manager.close()
+      raise
     self.manager.close()
 
   @contextlib.contextmanager
