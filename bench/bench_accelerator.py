@@ -12,7 +12,9 @@ one mode's device memory (BERT-large: ~15 GiB in float32).
 It also times the per-example Fisher over one batch against one batched backward pass.
 ``--profile`` traces each mode's steps with JAX's profiler and reports the device's busy
 time per step by kind of kernel (``bench/kernel_profile.py``): on a GPU, busy time well
-below the step's wall time means the device waits on the host.
+below the step's wall time means the device waits on the host. XLA runs a GPU step as CUDA
+graphs, each traced as one operation; ``XLA_FLAGS=--xla_gpu_enable_command_buffer=`` turns
+them off, so that the profile shows each kernel (and the step pays for each launch).
 
 It needs only jax, flax, optax and numpy (nothing from the trainer's extras) and the
 library in this repository:
