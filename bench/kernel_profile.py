@@ -131,5 +131,6 @@ def profile_kernels(run, hlo_text: str, steps: int, top: int = 8) -> dict:
   for op, seconds in times.items():
     by_kind[kind_of(op, kinds)] += seconds / steps
   ranked = sorted(times.items(), key=lambda item: -item[1])[:top]
-  return {"total_s": sum(times.values()) / steps, "wall_s": wall / steps, "by_kind": by_kind, "ops": len(times), "lines": lines,
+  return {"total_s": sum(times.values()) / steps, "wall_s": wall / steps, "by_kind": by_kind,
+          "ops": len(times), "lines": lines,
           "top": [(op, kind_of(op, kinds), seconds / steps) for op, seconds in ranked]}
