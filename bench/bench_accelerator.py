@@ -463,8 +463,9 @@ def main(argv=None):
         for mode, timed in time_interleaved(runs, args).items():
           if args.profile:
             try:  # a profiler this platform lacks costs the profile, not the run
-              timed["profile"] = profile_kernels(lambda: runs[mode](args.steps),
-                                                 runs[mode].hlo_text, args.steps)
+              run = runs[mode]
+              timed["profile"] = profile_kernels(functools.partial(run, args.steps),
+                                                 run.hlo_text, args.steps)
             except Exception as error:  # noqa: BLE001
               timed["profile_error"] = f"{type(error).__name__}: {error}"
               print(f"  profile failed: {timed['profile_error']}", flush=True)
