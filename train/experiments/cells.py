@@ -143,11 +143,14 @@ class Protocol:
   scored on the untouched validation set."""
 
   studies: tuple[Study, ...] = (
-      Study("minilm", ("rotten_tomatoes", "epistemic_reasoning", "vitaminc"), (1000, 300),
+      Study("minilm", ("rotten_tomatoes", "epistemic_reasoning"), (1000, 300),
             HEADLINE_CELLS, (1e-4, 3e-4, 1e-3)),
       Study("minilm", ("rotten_tomatoes",), (1000,), PRIOR_CELLS, (1e-4, 3e-4, 1e-3)),
       # MPNet was trained on NLI and paraphrase data: sentiment only.
       Study("mpnet", ("rotten_tomatoes",), (300,), HEADLINE_CELLS, (1e-5, 3e-5, 1e-4)),
+      # Last: vanilla's selection at 1,000 examples stayed at the majority class at every
+      # rate (7 minutes a run), so the cells that can tell methods apart run first.
+      Study("minilm", ("vitaminc",), (1000, 300), HEADLINE_CELLS, (1e-4, 3e-4, 1e-3)),
   )
   selection_seeds: tuple[int, ...] = (0, 1, 2)
   final_seeds: tuple[int, ...] = tuple(range(100, 105))
