@@ -339,7 +339,7 @@ def render(results: dict) -> str:
                    f"| {ratio('compile_s', 2)} |")
       continue
     mfu = "–" if row["mfu"] is None else f"{row['mfu']:.1%}"
-    step_ratio = "–" if "ratio" not in row else (
+    step_ratio = ratio("step_s", 3) if "ratio" not in row else (  # runs before the rounds
         f"{row['ratio']:.3f}× ({row['ratio_range'][0]:.3f}–{row['ratio_range'][1]:.3f})")
     lines.append(f"| {row['size']} | {row['dtype']} | {row['mode']} | {row['compile_s']:.1f} s | "
                  f"{row['step_s'] * 1e3:.1f} ms | {step_ratio} | "
