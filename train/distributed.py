@@ -13,8 +13,8 @@ Two things prevent that:
   heartbeats; on a failure, or a process whose heartbeat has not moved for
   ``--heartbeat_timeout_seconds``, it logs which process and why, and ends its
   own process at once. (JAX's own heartbeat check, which aborts the process
-  with a C++ stack trace, is the backstop: it gets ``4 x + 10`` seconds,
-  because it can fire as early as half its timeout after a process dies.)
+  with a C++ stack trace, is the backstop: it gets four times that plus 10 s,
+  because it was seen to fire half its timeout after a process died.)
 
 A signal inside the training loop needs neither: the processes agree in the
 step itself and stop together after the same step (``trainer.train_loop``).
@@ -46,8 +46,8 @@ def initialize(args) -> None:
   if not args.jax_distributed:
     return
   # JAX's coordination service declared a killed process dead 5 s after the kill with a
-  # 10 s timeout (heartbeats are sent every half timeout), aborting this process before the
-  # watchdog spoke: its timeout must be well over twice the watchdog's.
+  # 10 s timeout, aborting this process before the watchdog (5 s) spoke: its timeout must
+  # be well over twice the watchdog's.
   settings = {"heartbeat_timeout_seconds": 4 * args.heartbeat_timeout_seconds + 10}
   if args.coordinator_address is not None:
     settings.update(coordinator_address=args.coordinator_address,
