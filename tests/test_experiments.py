@@ -280,7 +280,8 @@ def test_protocol_chooses_each_rate_on_the_dev_split_and_reports_fresh_seeds(cam
                                               ("vanilla", "ct_d_0.3"), (3e-4, 1e-3, 3e-3)),),
                         selection_seeds=(0,), final_seeds=(100,),
                         headlines=(("minilm", "rotten_tomatoes", 80),), headline_seeds=(100, 101),
-                        dev_size=40, max_rate_steps=1)
+                        dev_size=40, max_rate_steps=1,
+                        compare_unlearned=True)  # two steps of a tiny model learn little
   monkeypatch.setattr(cells, "PROTOCOL", grid)
   argv = [*argv, "--per_device_train_batch_size", "4"]  # 80 examples: batches of 4 x 8 devices
   cli.main(["protocol", *argv])
@@ -351,3 +352,53 @@ def test_protocol_chooses_each_rate_on_the_dev_split_and_reports_fresh_seeds(cam
   assert [(int(row["select"]), int(row["final"])) for row in compute] == [(len(select), len(final))]
   assert f"| **{len(select)}** (the first grids plan 6, before any extension) | **{len(final)}** of 4 |" in text
   assert "learning rates 0.0003, 0.001, 0.003 to start" in text
+
+
+@pytest.mark.parametrize("learned", [False, True])
+def test_protocol_compares_nothing_where_the_baseline_did_not_learn_the_task(campaign, monkeypatch,
+                                                                             learned):
+  tmp_path, argv, _ = campaign
+  grid = cells.Protocol(studies=(cells.Study("minilm", ("rotten_tomatoes",), (80,),
+                                              ("vanilla", "ct_d_0.3"), (3e-4, 1e-3, 3e-3)),),
+                        selection_seeds=(0, 1), final_seeds=(100, 101), headline_cells=(),
+                        headlines=(), dev_size=40)
+  monkeypatch.setattr(cells, "PROTOCOL", grid)
+  dev = tmp_path / "root" / "protocol" / "splits" / "rotten_tomatoes" / "dev.csv"
+  runs = []
+
+  def scored_run(command, log, env):  # a run's dev or validation accuracy, as chosen here
+    output_dir = Path(command[command.index("--output_dir") + 1])
+    runs.append(output_dir.relative_to(tmp_path / "root" / "protocol" / "minilm"))
+    majority = protocol.majority_share(dev)
+    rate, seed = output_dir.parent.name, output_dir.name
+    # Vanilla's selection: at best the majority class (its mean at 1e-3), or one dev example
+    # better on one seed.
+    score = {"lr_0.0003": majority - 0.1, "lr_0.001": majority, "lr_0.003": majority - 0.05}[rate]
+    if learned and rate == "lr_0.001" and seed == "seed_0":
+      score += 1 / 40
+    if "/vanilla/select/" not in str(output_dir):  # the others: 1e-3 best, bracketed
+      score = 0.9 if rate == "lr_0.001" else 0.8
+    (output_dir / "all_results.json").write_text(json.dumps({"eval_accuracy": score}))
+    return 0
+
+  monkeypatch.setattr(launcher, "run_trainer", scored_run)
+  cli.main(["protocol", *argv])
+  cell_runs = {cell: sorted(str(run) for run in runs if run.parts[1] == cell)
+               for cell in ("vanilla", "ct_d_0.3")}
+  vanilla_select = [f"rotten_tomatoes_80/vanilla/select/lr_{rate}/seed_{seed}"
+                    for rate in ("0.0003", "0.001", "0.003") for seed in (0, 1)]
+  with open(tmp_path / "results" / "protocol.csv") as file:
+    rows = {row["cell"]: row for row in csv.DictReader(file)}
+  if not learned:  # vanilla's selection only: no finals, no other method
+    assert cell_runs == {"vanilla": sorted(vanilla_select), "ct_d_0.3": []}
+    assert rows["vanilla"]["reading"].startswith("not learned: dev at the majority class's")
+    assert float(rows["vanilla"]["majority_not_beaten"]) == protocol.majority_share(dev)
+    assert rows["ct_d_0.3"]["reading"] == "not run: the baseline did not learn the task"
+    assert "| **6** (the first grids plan 12, before any extension) | **0** of 0 (none where " \
+        "the task was not learned) |" in (tmp_path / "results" / "protocol_compute.md").read_text()
+  else:
+    finals = [f"rotten_tomatoes_80/{cell}/final/lr_0.001/seed_{seed}"
+              for cell in ("vanilla", "ct_d_0.3") for seed in (100, 101)]
+    assert cell_runs["vanilla"] == sorted(vanilla_select + finals[:2])
+    assert len(cell_runs["ct_d_0.3"]) == 6 + 2 and set(finals[2:]) <= set(cell_runs["ct_d_0.3"])
+    assert rows["vanilla"]["reading"] == "" and rows["ct_d_0.3"]["reading"] == "no clear difference"

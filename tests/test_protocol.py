@@ -63,6 +63,14 @@ def test_dev_split_refuses_impossible_requests(tmp_path):
     protocol.carve_dev(train, tmp_path / "x", 3, group_by="claim")
 
 
+def test_majority_share_is_the_accuracy_of_always_predicting_the_commonest_class(tmp_path):
+  rows = [("a", "b", "yes")] * 5 + [("c", "d", "no")] * 3 + [("e", "f", "maybe")] * 2
+  assert protocol.majority_share(_write(tmp_path / "three.csv", rows)) == 0.5
+  assert protocol.majority_share(_write(tmp_path / "two.csv", rows[3:])) == pytest.approx(3 / 7)
+  scores = _write(tmp_path / "scores.csv", [("a", "b", "3.5"), ("c", "d", "3.5"), ("e", "f", "1.0")])
+  assert math.isnan(protocol.majority_share(scores))  # a regression task has no majority class
+
+
 def test_rate_choice_brackets_the_best():
   inside = protocol.choose_rate({1e-5: [0.70, 0.72], 3e-5: [0.80, 0.78], 1e-4: [0.75, 0.76]})
   assert inside.rate == 3e-5 and inside.bracketed and inside.mean_dev_score == pytest.approx(0.79)

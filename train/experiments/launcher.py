@@ -220,7 +220,11 @@ def run_protocol_cell(setting: cells.Setting, grid: cells.Protocol,
                       key: tuple[str, str, int, str]) -> protocol.RateChoice | None:
   """One cell of the protocol: the selection seeds at every rate of its grid (and at any rate
   an earlier campaign ran for it), a step beyond the grid's end while the best rate is there
-  (``grid.max_rate_steps`` steps at most), then the final seeds at the chosen rate."""
+  (``grid.max_rate_steps`` steps at most), then the final seeds at the chosen rate. Where the
+  baseline did not learn the task (:func:`report.protocol_not_learned`), the baseline stops
+  after its selection and the other methods do not run (None)."""
+  if key[3] != grid.baseline and not setting.dry_run and _not_learned(setting, grid, key):
+    return None
   first = list(grid.rates_of(*key))
   rates = sorted(set(first) | set(report.protocol_rates(setting, *key)))
   while True:
@@ -243,9 +247,20 @@ def run_protocol_cell(setting: cells.Setting, grid: cells.Protocol,
   logger.info("%s: rate %g chosen (mean dev score %.4f over %s)%s", key, choice.rate,
               choice.mean_dev_score, ", ".join(f"{rate:g}" for rate in sorted(rates)),
               "" if choice.bracketed else "; the grid's end, not bracketed")
+  if key[3] == grid.baseline and _not_learned(setting, grid, key):
+    return choice
   run_jobs(setting, [_protocol_job(setting, *key, "final", choice.rate, seed)
-                     for seed in grid.seeds_of_final(*key[:3])])
+                     for seed in grid.seeds_of_final(*key)])
   return choice
+
+
+def _not_learned(setting: cells.Setting, grid: cells.Protocol, key) -> bool:
+  majority = report.protocol_not_learned(setting, *key[:3], grid)
+  if majority is not None:
+    logger.warning("%s: no final runs: %s's chosen rate scores no better on the dev split than "
+                   "its majority class (%.4f); the model did not learn %s at %d examples",
+                   key, grid.baseline, majority, key[1], key[2])
+  return majority is not None
 
 
 def run_overlap_masks(setting: cells.Setting) -> dict[str, Path]:

@@ -19,6 +19,8 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from train import text_datasets
+
 PRIMARY_METRICS = ("eval_accuracy", "eval_pearson", "eval_matthews_correlation")  # the first found
 BOOTSTRAP_SAMPLES = 10_000
 LEVEL = 0.95
@@ -64,6 +66,16 @@ def carve_dev(train_csv: Path, out_dir: Path, dev_size: int, *, group_by: str | 
       writer.writeheader()
       writer.writerows(row for index, row in enumerate(rows) if keep(index))
   return paths
+
+
+def majority_share(path: Path) -> float:
+  """The fraction of the data set's examples (a CSV/JSON file as run_glue reads it) whose
+  label is its most frequent one: the accuracy of always predicting that class; nan for a
+  regression task."""
+  dataset = text_datasets.load_local(path)
+  if dataset.is_regression:
+    return math.nan
+  return float(np.bincount(dataset.labels).max() / len(dataset.labels))
 
 
 @dataclasses.dataclass(frozen=True)

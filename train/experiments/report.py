@@ -220,6 +220,20 @@ def protocol_choice(setting: Setting, model: str, task: str, size: int, cell: st
   return protocol.choose_rate(complete)
 
 
+def protocol_not_learned(setting: Setting, model: str, task: str, size: int,
+                         grid: cells.Protocol | None = None) -> float | None:
+  """The dev split's majority-class share where the baseline's chosen rate scores no better
+  than always predicting that class (the model did not learn the task at this size, so no
+  method is compared there); None where it does better, its selection is not finished, or
+  the grid compares methods regardless (``compare_unlearned``)."""
+  grid = grid or cells.PROTOCOL
+  choice = protocol_choice(setting, model, task, size, grid.baseline, grid)
+  if choice is None or grid.compare_unlearned:
+    return None
+  majority = protocol.majority_share(setting.split_dir(task) / "dev.csv")
+  return majority if choice.mean_dev_score <= majority else None
+
+
 def protocol_finals(setting: Setting, grid: cells.Protocol | None = None):
   """``{(model, task, size, cell): (RateChoice or None, {seed: validation score})}``."""
   grid = grid or cells.PROTOCOL
@@ -227,7 +241,7 @@ def protocol_finals(setting: Setting, grid: cells.Protocol | None = None):
   for key in grid.keys():
     choice = protocol_choice(setting, *key, grid)
     finals[key] = (choice, {} if choice is None else protocol_scores(
-        setting, *key, "final", choice.rate, grid.seeds_of_final(*key[:3])))
+        setting, *key, "final", choice.rate, grid.seeds_of_final(*key)))
   return finals
 
 
@@ -239,6 +253,8 @@ def protocol_table(setting: Setting, grid: cells.Protocol | None = None) -> Tabl
                 ["Model", "Task", "Train size", "Method", "Dev accuracy by rate", "Rate", "Seeds",
                  "Accuracy: mean (std)", "Δ vs vanilla [95% CI]", "Reading"])
   finals = protocol_finals(setting, grid)
+  not_learned = {group: protocol_not_learned(setting, *group, grid)
+                 for group in dict.fromkeys(key[:3] for key in finals)}
   for (model, task, size, cell), (choice, scores) in finals.items():
     dev = protocol_dev_scores(setting, model, task, size, cell, grid=grid)
     dev_text = ", ".join(f"{rate:g}: {100 * np.mean(v):.1f}"
@@ -249,24 +265,30 @@ def protocol_table(setting: Setting, grid: cells.Protocol | None = None) -> Tabl
     comparison = None if cell == "vanilla" else protocol.compare(scores, baseline)
     rate_text = "–" if choice is None else f"{choice.rate:g}" + (
         "" if choice.bracketed else " (grid end)")
+    majority = not_learned[(model, task, size)]
+    reading = "" if comparison is None else comparison.verdict
+    if majority is not None:  # nothing to compare: the task was not learned
+      comparison = None
+      reading = (f"not learned: dev at the majority class's {100 * majority:.1f}; no finals"
+                 if cell == grid.baseline else "not run: the baseline did not learn the task")
     table.rows.append([
         model, cells.TASKS[task].label, str(size), cells.CELLS[cell].label, dev_text, rate_text,
         str(len(values)),
         f"{np.mean(values):.2f} ({np.std(values, ddof=1):.2f})" if len(values) > 1 else
         (f"{values[0]:.2f}" if values else "–"),
-        "" if comparison is None else comparison.text(),
-        "" if comparison is None else comparison.verdict])
+        "" if comparison is None else comparison.text(), reading])
     table.raw.append({
         "model": model, "task": task, "train_size": size, "cell": cell,
         "rate": None if choice is None else choice.rate,
         "bracketed": None if choice is None else choice.bracketed,
         **{f"dev_lr_{rate:g}": float(np.mean(v)) for rate, v in dev.items() if v},
         "seeds": len(values), "mean": float(np.mean(values)) if values else None,
+        "majority_not_beaten": majority,
         "std": float(np.std(values, ddof=1)) if len(values) > 1 else None,
         **({} if comparison is None else {
             "delta": comparison.mean, "delta_low": comparison.low, "delta_high": comparison.high,
-            "seeds_paired": comparison.seeds, "seeds_better": comparison.wins,
-            "reading": comparison.verdict}),
+            "seeds_paired": comparison.seeds, "seeds_better": comparison.wins}),
+        "reading": reading or None,
         **{f"seed_{seed}": value for seed, value in scores.items()}})
   table.notes.append(
       f"Dev accuracy by rate: the mean over selection seeds {list(grid.selection_seeds)} of "
@@ -276,7 +298,9 @@ def protocol_table(setting: Setting, grid: cells.Protocol | None = None) -> Tabl
       "which no choice looked at. Δ vs vanilla: the mean per-seed difference in points (a seed "
       "fixes the training subset, the head's initialisation and the data order) and its 95% "
       "percentile bootstrap interval; the reading says helps or hurts only where the interval "
-      "excludes 0.")
+      "excludes 0. Where vanilla's chosen rate scores no better on the dev split than always "
+      "predicting its most frequent class, the model did not learn the task at that size: "
+      "nothing is compared there, and the other methods do not run.")
   return table
 
 
@@ -285,8 +309,14 @@ def protocol_figure(setting: Setting, path: Path, grid: cells.Protocol | None = 
   grid = grid or cells.PROTOCOL
   plt = _pyplot()
   finals = protocol_finals(setting, grid)
-  groups = list(dict.fromkeys(key[:3] for key in finals))
   others = list(dict.fromkeys(key[3] for key in finals if key[3] != "vanilla"))
+  comparisons = {}  # {group: {cell: Comparison}}, the groups with something to show
+  for key, (_, scores) in finals.items():
+    if key[3] != "vanilla" and (*key[:3], "vanilla") in finals:
+      comparison = protocol.compare(scores, finals[(*key[:3], "vanilla")][1])
+      if comparison.seeds >= 2:
+        comparisons.setdefault(key[:3], {})[key[3]] = comparison
+  groups = list(comparisons)
   figure, axis = plt.subplots(figsize=(max(6, 1.6 * len(groups)), 4.5))
   axis.axhline(0, color="grey", linewidth=1)
   labelled = set()
@@ -294,11 +324,9 @@ def protocol_figure(setting: Setting, path: Path, grid: cells.Protocol | None = 
     present = [cell for cell in others if (*group, cell) in finals]
     width = 0.8 / max(1, len(present))
     for number, cell in enumerate(present):  # centred on the group's tick
-      if (*group, "vanilla") not in finals:
+      if cell not in comparisons[group]:
         continue
-      comparison = protocol.compare(finals[(*group, cell)][1], finals[(*group, "vanilla")][1])
-      if comparison.seeds < 2:
-        continue
+      comparison = comparisons[group][cell]
       x = index - 0.4 + width * (number + 0.5)
       axis.errorbar(x, 100 * comparison.mean, yerr=[[100 * (comparison.mean - comparison.low)],
                                                     [100 * (comparison.high - comparison.mean)]],
@@ -636,9 +664,12 @@ def protocol_compute(setting: Setting, grid: cells.Protocol | None = None) -> Ta
     totals = {"select": totals["select"] + counts["select"],
               "final": totals["final"] + counts["final"], "seconds": totals["seconds"] + seconds}
   planned = sum(len(grid.selection_seeds) * len(grid.rates_of(*key)) for key in grid.keys())
-  finals = sum(len(grid.seeds_of_final(*key[:3])) for key in grid.keys())
+  unlearned = {group for group in dict.fromkeys(key[:3] for key in grid.keys())
+               if protocol_not_learned(setting, *group, grid) is not None}
+  finals = sum(len(grid.seeds_of_final(*key)) for key in grid.keys() if key[:3] not in unlearned)
   table.rows.append(["all", "", "", f"**{totals['select']}** (the first grids plan {planned}, "
-                     "before any extension)", f"**{totals['final']}** of {finals}",
+                     "before any extension)", f"**{totals['final']}** of {finals}"
+                     + (" (none where the task was not learned)" if unlearned else ""),
                      f"**{_minutes(totals['seconds'])}**"])
   table.notes.append(f"Wall time as each trainer process measured it, on {machines(setting)}; "
                      "with `--jobs 2` two processes share the CPU, so each run takes longer and "
@@ -670,10 +701,14 @@ def _protocol_setting(setting: Setting, grid: cells.Protocol) -> list[str]:
       "with the best mean dev score is taken; where it is at the grid's end the grid grows a "
       f"step that way, {grid.max_rate_steps} steps at most.",
       f"- Finals at the chosen rate: seeds {_seeds_text(grid.headline_seeds)} for "
-      + " and ".join(f"{model} on {cells.TASKS[task].label.split(' (')[0]} at {size}"
-                     for model, task, size in grid.headlines)
+      + ", ".join(cells.CELLS[cell].label for cell in grid.headline_cells) + " everywhere and "
+      + " and ".join(f"for every method on {model}'s {cells.TASKS[task].label.split(' (')[0]} "
+                     f"at {size}" for model, task, size in grid.headlines)
       + f"; {_seeds_text(grid.final_seeds)} elsewhere; "
       f"scored on the first {setting.max_eval_samples} examples of the validation set.",
+      f"- A task not learned: where {cells.CELLS[grid.baseline].label}'s chosen rate scores no "
+      "better on the dev split than always predicting its most frequent class, that model, "
+      "task and size stop after its selection: no final runs, no other method.",
       f"- Training: {setting.num_train_epochs:g} epochs, batch "
       f"{setting.per_device_train_batch_size}, AdamW (eps 1e-6) with 10% warmup and linear "
       "decay, gradient clipping at 1. CT-D's Fisher information from "
