@@ -701,9 +701,10 @@ def _protocol_setting(setting: Setting, grid: cells.Protocol) -> list[str]:
       "with the best mean dev score is taken; where it is at the grid's end the grid grows a "
       f"step that way, {grid.max_rate_steps} steps at most.",
       f"- Finals at the chosen rate: seeds {_seeds_text(grid.headline_seeds)} for "
-      + ", ".join(cells.CELLS[cell].label for cell in grid.headline_cells) + " everywhere and "
-      + " and ".join(f"for every method on {model}'s {cells.TASKS[task].label.split(' (')[0]} "
-                     f"at {size}" for model, task, size in grid.headlines)
+      + " and ".join([", ".join(cells.CELLS[cell].label for cell in grid.headline_cells)
+                      + " everywhere"] * bool(grid.headline_cells)
+                     + [f"every method on {model}'s {cells.TASKS[task].label.split(' (')[0]} "
+                        f"at {size}" for model, task, size in grid.headlines])
       + f"; {_seeds_text(grid.final_seeds)} elsewhere; "
       f"scored on the first {setting.max_eval_samples} examples of the validation set.",
       f"- A task not learned: where {cells.CELLS[grid.baseline].label}'s chosen rate scores no "
