@@ -261,8 +261,8 @@ def protocol_table(setting: Setting, grid: cells.Protocol | None = None) -> Tabl
                          + ("*" if choice and rate == choice.rate else "")
                          for rate, v in dev.items() if v) or "–"
     values = [100 * v for v in scores.values()]
-    baseline = finals.get((model, task, size, "vanilla"), (None, {}))[1]
-    comparison = None if cell == "vanilla" else protocol.compare(scores, baseline)
+    baseline = finals.get((model, task, size, grid.baseline), (None, {}))[1]
+    comparison = None if cell == grid.baseline else protocol.compare(scores, baseline)
     rate_text = "–" if choice is None else f"{choice.rate:g}" + (
         "" if choice.bracketed else " (grid end)")
     majority = not_learned[(model, task, size)]
@@ -309,11 +309,11 @@ def protocol_figure(setting: Setting, path: Path, grid: cells.Protocol | None = 
   grid = grid or cells.PROTOCOL
   plt = _pyplot()
   finals = protocol_finals(setting, grid)
-  others = list(dict.fromkeys(key[3] for key in finals if key[3] != "vanilla"))
+  others = list(dict.fromkeys(key[3] for key in finals if key[3] != grid.baseline))
   comparisons = {}  # {group: {cell: Comparison}}, the groups with something to show
   for key, (_, scores) in finals.items():
-    if key[3] != "vanilla" and (*key[:3], "vanilla") in finals:
-      comparison = protocol.compare(scores, finals[(*key[:3], "vanilla")][1])
+    if key[3] != grid.baseline and (*key[:3], grid.baseline) in finals:
+      comparison = protocol.compare(scores, finals[(*key[:3], grid.baseline)][1])
       if comparison.seeds >= 2:
         comparisons.setdefault(key[:3], {})[key[3]] = comparison
   groups = list(comparisons)
