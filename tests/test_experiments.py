@@ -402,3 +402,57 @@ def test_protocol_compares_nothing_where_the_baseline_did_not_learn_the_task(cam
     assert cell_runs["vanilla"] == sorted(vanilla_select + finals[:2])
     assert len(cell_runs["ct_d_0.3"]) == 6 + 2 and set(finals[2:]) <= set(cell_runs["ct_d_0.3"])
     assert rows["vanilla"]["reading"] == "" and rows["ct_d_0.3"]["reading"] == "no clear difference"
+
+
+def test_protocol_chooses_p_with_the_rate_and_runs_finals_for_the_chosen_p_only(campaign,
+                                                                                 monkeypatch):
+  tmp_path, argv, _ = campaign
+  rates = (3e-4, 1e-3, 3e-3)
+  grid = cells.Protocol(studies=(
+      cells.Study("minilm", ("rotten_tomatoes",), (80,), ("vanilla", "ct_f_0.3", "ct_d_0.3"), rates),
+      cells.Study("minilm", ("rotten_tomatoes",), (80,), ("ct_f_0.2", "ct_d_0.1"), rates)),
+      selection_seeds=(0, 1), final_seeds=(100, 101), headline_cells=("vanilla", "ct_f_0.3"),
+      headlines=(), headline_seeds=(100, 101, 102), dev_size=40)
+  monkeypatch.setattr(cells, "PROTOCOL", grid)
+  assert grid.family("minilm", "rotten_tomatoes", 80, "ct_f_0.2") == ("ct_f_0.3", "ct_f_0.2")
+  assert grid.family("minilm", "rotten_tomatoes", 80, "vanilla") == ("vanilla",)
+  # Each cell's best dev score, at 1e-3 (bracketed): CT-F's p = 0.2 beats its p = 0.3 by one
+  # dev example; CT-D's p = 0.1 ties its p = 0.3, and the first listed, 0.3, is taken.
+  best = {"vanilla": 0.8, "ct_f_0.3": 0.9, "ct_f_0.2": 0.9 + 1 / 40, "ct_d_0.3": 0.85,
+          "ct_d_0.1": 0.85}
+  runs = []
+
+  def scored_run(command, log, env):
+    output_dir = Path(command[command.index("--output_dir") + 1])
+    cell, stage, rate = output_dir.parts[-4:-1]
+    runs.append((cell, stage, rate, output_dir.name))
+    score = best[cell] - (0 if rate == "lr_0.001" else 0.1) + (stage == "final") * 0.01
+    (output_dir / "all_results.json").write_text(json.dumps({"eval_accuracy": score}))
+    return 0
+
+  monkeypatch.setattr(launcher, "run_trainer", scored_run)
+  cli.main(["protocol", *argv])
+  finals = [(cell, seed) for cell, stage, rate, seed in runs if stage == "final"]
+  assert {rate for _, stage, rate, _ in runs if stage == "final"} == {"lr_0.001"}
+  # Vanilla's finals, then CT-F's and CT-D's, each once its last p's selection (in the second
+  # study) has run; CT-F at p = 0.2 gets CT-F's headline seeds.
+  assert finals == ([("vanilla", f"seed_{s}") for s in (100, 101, 102)]
+                    + [("ct_f_0.2", f"seed_{s}") for s in (100, 101, 102)]
+                    + [("ct_d_0.3", f"seed_{s}") for s in (100, 101)])
+  assert runs.index(("ct_f_0.2", "final", "lr_0.001", "seed_100")) > max(
+      runs.index(run) for run in runs if run[0] == "ct_f_0.2" and run[1] == "select")
+  assert sum(stage == "select" for _, stage, _, _ in runs) == 5 * 3 * 2
+
+  with open(tmp_path / "results" / "protocol.csv") as file:
+    rows = {row["cell"]: row for row in csv.DictReader(file)}
+  assert rows["ct_f_0.3"]["reading"] == "p not chosen: the dev split chose CT-F (p=0.2)"
+  assert rows["ct_f_0.3"]["seeds"] == "0" and not rows["ct_f_0.3"].get("delta")
+  assert rows["ct_d_0.1"]["reading"] == "p not chosen: the dev split chose CT-D (p=0.3)"
+  assert float(rows["ct_f_0.2"]["delta"]) == pytest.approx(0.9 + 1 / 40 - 0.8)
+  assert rows["ct_f_0.2"]["seeds_paired"] == "3" and rows["ct_d_0.3"]["seeds_paired"] == "2"
+  compute = (tmp_path / "results" / "protocol_compute.md").read_text()
+  assert "| **30** (the first grids plan 30, before any extension) | **8** of 8 |" in compute
+  cli.main(["report", *argv])
+  text = (tmp_path / "RESULTS.md").read_text()
+  assert "Where a method runs at several p, p is chosen the same way" in text
+  assert "seeds 100–102 for Vanilla, CT-F (the p chosen) everywhere" in text

@@ -91,6 +91,20 @@ def test_rate_choice_brackets_the_best():
     protocol.choose_rate({1e-5: [0.5], 3e-5: [], 1e-4: [0.6]})
 
 
+def test_p_choice_takes_the_best_chosen_rate_and_the_first_listed_on_a_tie():
+  choice = protocol.RateChoice
+  assert protocol.choose_member({"ct_f_0.3": choice(3e-4, 0.80, None),
+                                 "ct_f_0.2": choice(1e-3, 0.82, None),
+                                 "ct_f_0.4": choice(1e-4, 0.81, None)}) == "ct_f_0.2"
+  # A tie keeps the first listed (the grid's order), whatever the rate.
+  assert protocol.choose_member({"ct_d_0.3": choice(3e-4, 0.80, None),
+                                 "ct_d_0.1": choice(1e-4, 0.80, None)}) == "ct_d_0.3"
+  assert protocol.choose_member({"ct_d_0.1": choice(1e-4, 0.80, None),
+                                 "ct_d_0.3": choice(3e-4, 0.80, None)}) == "ct_d_0.1"
+  with pytest.raises(ValueError, match="no members"):
+    protocol.choose_member({})
+
+
 def test_bootstrap_interval_of_the_mean():
   assert protocol.bootstrap_interval([0.02] * 5) == pytest.approx((0.02, 0.02))
   assert all(math.isnan(x) for x in protocol.bootstrap_interval([0.3]))

@@ -186,10 +186,12 @@ def _protocol_job(setting, model, task, size, cell, stage, rate, seed) -> Job:
 def run_protocol(setting: cells.Setting, grid: cells.Protocol | None = None
                  ) -> dict[tuple[str, str, int, str], protocol.RateChoice]:
   """The protocol experiment: carve each task's dev split, then for each (model, task, size,
-  method), in the grid's order, its whole pipeline (:func:`run_protocol_cell`), so that a
-  campaign stopped part-way has whole cells. A cell whose runs fail is reported at the end;
-  the others go on. Returns ``{(model, task, size, cell): RateChoice}`` of the cells whose
-  rate was chosen (none with ``--dry_run``)."""
+  method), in the grid's order, its rate selection (:func:`run_protocol_selection`) and then
+  its final seeds (:func:`run_protocol_finals`), so that a campaign stopped part-way has whole
+  cells. Where a method runs at several p (:meth:`cells.Protocol.family`), the finals wait
+  for the last p's selection and run for the chosen p only (:func:`report.protocol_member`).
+  A cell whose runs fail is reported at the end; the others go on. Returns ``{(model, task,
+  size, cell): RateChoice}`` of the cells whose rate was chosen (none with ``--dry_run``)."""
   grid = grid or cells.PROTOCOL
   for task in grid.tasks():
     protocol.carve_dev(setting.data(cells.TASKS[task].train), setting.split_dir(task),
@@ -201,28 +203,33 @@ def run_protocol(setting: cells.Setting, grid: cells.Protocol | None = None
   choices, failed = {}, []
   for key in keys:
     try:
-      choice = run_protocol_cell(setting, grid, key)
+      choice = run_protocol_selection(setting, grid, key)
+      if choice is not None:
+        choices[key] = choice
+        member = None
+        if grid.family(*key)[-1] == key[3]:  # its last p: the family's selection is whole
+          member = report.protocol_member(setting, *key, grid)
+        if member is not None:
+          chosen = (*key[:3], member)
+          run_protocol_finals(setting, grid, chosen, choices[chosen])
     except RuntimeError as error:  # its runs failed: the next cells still run
       if _stopping.is_set():
         raise
       logger.error("%s", error)
       failed.append(" ".join(map(str, key)))
-      continue
-    if choice is not None:
-      choices[key] = choice
   if failed:
     raise RuntimeError(f"{len(failed)} protocol cell(s) had failed runs: {'; '.join(failed)}. "
                        "Run the same command again to retry them (finished runs are skipped).")
   return choices
 
 
-def run_protocol_cell(setting: cells.Setting, grid: cells.Protocol,
-                      key: tuple[str, str, int, str]) -> protocol.RateChoice | None:
-  """One cell of the protocol: the selection seeds at every rate of its grid (and at any rate
-  an earlier campaign ran for it), a step beyond the grid's end while the best rate is there
-  (``grid.max_rate_steps`` steps at most), then the final seeds at the chosen rate. Where the
-  baseline did not learn the task (:func:`report.protocol_not_learned`), the baseline stops
-  after its selection and the other methods do not run (None)."""
+def run_protocol_selection(setting: cells.Setting, grid: cells.Protocol,
+                           key: tuple[str, str, int, str]) -> protocol.RateChoice | None:
+  """One cell's rate selection: the selection seeds at every rate of its grid (and at any
+  rate an earlier campaign ran for it), a step beyond the grid's end while the best rate is
+  there (``grid.max_rate_steps`` steps at most). None where the baseline did not learn the
+  task (:func:`report.protocol_not_learned`: the other methods do not run) or with
+  ``--dry_run``."""
   if key[3] != grid.baseline and not setting.dry_run and _not_learned(setting, grid, key):
     return None
   first = list(grid.rates_of(*key))
@@ -247,11 +254,19 @@ def run_protocol_cell(setting: cells.Setting, grid: cells.Protocol,
   logger.info("%s: rate %g chosen (mean dev score %.4f over %s)%s", key, choice.rate,
               choice.mean_dev_score, ", ".join(f"{rate:g}" for rate in sorted(rates)),
               "" if choice.bracketed else "; the grid's end, not bracketed")
+  return choice
+
+
+def run_protocol_finals(setting: cells.Setting, grid: cells.Protocol,
+                        key: tuple[str, str, int, str], choice: protocol.RateChoice) -> None:
+  """A cell's final seeds at its chosen rate; none where the baseline did not learn the task."""
+  if len(grid.family(*key)) > 1:
+    logger.info("%s: p chosen among %s (mean dev score %.4f)", key,
+                ", ".join(grid.family(*key)), choice.mean_dev_score)
   if key[3] == grid.baseline and _not_learned(setting, grid, key):
-    return choice
+    return
   run_jobs(setting, [_protocol_job(setting, *key, "final", choice.rate, seed)
                      for seed in grid.seeds_of_final(*key)])
-  return choice
 
 
 def _not_learned(setting: cells.Setting, grid: cells.Protocol, key) -> bool:

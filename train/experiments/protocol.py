@@ -1,7 +1,8 @@
 """The paper's protocol, the pieces a campaign is judged by: a dev split carved out of a
 task's training data (the validation set stays untouched until the report), a learning rate
-chosen per method on that dev split with a grid that must bracket the choice, and every
-comparison as a paired per-seed difference with a 95% bootstrap interval.
+chosen per method on that dev split with a grid that must bracket the choice (and p, where a
+method runs at several), and every comparison as a paired per-seed difference with a 95%
+bootstrap interval.
 
 A seed fixes the training subset, the head's initialisation and the data order, so two
 methods' runs at the same seed differ only in the method: the per-seed differences are
@@ -118,6 +119,19 @@ def choose_rate(dev_scores: Mapping[float, Sequence[float]], *, limits: tuple[fl
     if not limits[0] <= next_rate <= limits[1]:
       next_rate = None  # at the edge of what is worth trying: taken as it is
   return RateChoice(best, means[best], next_rate)
+
+
+def choose_member(choices: Mapping[str, RateChoice]) -> str:
+  """The member of a method's family (one cell per p, each at its own chosen rate) whose
+  chosen rate has the best mean dev score; ties: the first in ``choices``' order.
+
+  Raises:
+    ValueError: no members.
+  """
+  if not choices:
+    raise ValueError("no members to choose from.")
+  best = max(choice.mean_dev_score for choice in choices.values())
+  return next(cell for cell, choice in choices.items() if choice.mean_dev_score == best)
 
 
 def bootstrap_interval(differences: Sequence[float], *, samples: int = BOOTSTRAP_SAMPLES,

@@ -220,6 +220,19 @@ def protocol_choice(setting: Setting, model: str, task: str, size: int, cell: st
   return protocol.choose_rate(complete)
 
 
+def protocol_member(setting: Setting, model: str, task: str, size: int, cell: str,
+                    grid: cells.Protocol | None = None) -> str | None:
+  """The member of ``cell``'s family (:meth:`cells.Protocol.family`: the method at each p)
+  that the dev split chose (:func:`protocol.choose_member`), once every member has its rate;
+  ``cell`` itself where it has no other p."""
+  grid = grid or cells.PROTOCOL
+  choices = {member: protocol_choice(setting, model, task, size, member, grid)
+             for member in grid.family(model, task, size, cell)}
+  if any(choice is None for choice in choices.values()):
+    return None
+  return protocol.choose_member(choices)
+
+
 def protocol_not_learned(setting: Setting, model: str, task: str, size: int,
                          grid: cells.Protocol | None = None) -> float | None:
   """The dev split's majority-class share where the baseline's chosen rate scores no better
@@ -235,13 +248,15 @@ def protocol_not_learned(setting: Setting, model: str, task: str, size: int,
 
 
 def protocol_finals(setting: Setting, grid: cells.Protocol | None = None):
-  """``{(model, task, size, cell): (RateChoice or None, {seed: validation score})}``."""
+  """``{(model, task, size, cell): (RateChoice or None, {seed: validation score})}``; no
+  scores for a cell whose p the dev split did not choose (:func:`protocol_member`)."""
   grid = grid or cells.PROTOCOL
   finals = {}
   for key in grid.keys():
     choice = protocol_choice(setting, *key, grid)
-    finals[key] = (choice, {} if choice is None else protocol_scores(
-        setting, *key, "final", choice.rate, grid.seeds_of_final(*key)))
+    chosen = choice is not None and protocol_member(setting, *key, grid) == key[3]
+    finals[key] = (choice, protocol_scores(setting, *key, "final", choice.rate,
+                                           grid.seeds_of_final(*key)) if chosen else {})
   return finals
 
 
@@ -267,6 +282,10 @@ def protocol_table(setting: Setting, grid: cells.Protocol | None = None) -> Tabl
         "" if choice.bracketed else " (grid end)")
     majority = not_learned[(model, task, size)]
     reading = "" if comparison is None else comparison.verdict
+    member = None if choice is None else protocol_member(setting, model, task, size, cell, grid)
+    if member not in (None, cell):  # another p of this method was chosen: no finals here
+      comparison = None
+      reading = f"p not chosen: the dev split chose {cells.CELLS[member].label}"
     if majority is not None:  # nothing to compare: the task was not learned
       comparison = None
       reading = (f"not learned: dev at the majority class's {100 * majority:.1f}; no finals"
@@ -300,7 +319,9 @@ def protocol_table(setting: Setting, grid: cells.Protocol | None = None) -> Tabl
       "percentile bootstrap interval; the reading says helps or hurts only where the interval "
       "excludes 0. Where vanilla's chosen rate scores no better on the dev split than always "
       "predicting its most frequent class, the model did not learn the task at that size: "
-      "nothing is compared there, and the other methods do not run.")
+      "nothing is compared there, and the other methods do not run. Where a method runs at "
+      "several p, p is chosen like the rate: the p whose chosen rate has the best mean dev "
+      "score runs the final seeds, the others none.")
   return table
 
 
@@ -321,11 +342,9 @@ def protocol_figure(setting: Setting, path: Path, grid: cells.Protocol | None = 
   axis.axhline(0, color="grey", linewidth=1)
   labelled = set()
   for index, group in enumerate(groups):
-    present = [cell for cell in others if (*group, cell) in finals]
+    present = [cell for cell in others if cell in comparisons[group]]
     width = 0.8 / max(1, len(present))
     for number, cell in enumerate(present):  # centred on the group's tick
-      if cell not in comparisons[group]:
-        continue
       comparison = comparisons[group][cell]
       x = index - 0.4 + width * (number + 0.5)
       axis.errorbar(x, 100 * comparison.mean, yerr=[[100 * (comparison.mean - comparison.low)],
@@ -666,7 +685,8 @@ def protocol_compute(setting: Setting, grid: cells.Protocol | None = None) -> Ta
   planned = sum(len(grid.selection_seeds) * len(grid.rates_of(*key)) for key in grid.keys())
   unlearned = {group for group in dict.fromkeys(key[:3] for key in grid.keys())
                if protocol_not_learned(setting, *group, grid) is not None}
-  finals = sum(len(grid.seeds_of_final(*key)) for key in grid.keys() if key[:3] not in unlearned)
+  finals = sum(len(grid.seeds_of_final(*key)) for key in grid.keys()  # one p of each method
+               if key[:3] not in unlearned and grid.family(*key)[0] == key[3])
   table.rows.append(["all", "", "", f"**{totals['select']}** (the first grids plan {planned}, "
                      "before any extension)", f"**{totals['final']}** of {finals}"
                      + (" (none where the task was not learned)" if unlearned else ""),
@@ -675,6 +695,12 @@ def protocol_compute(setting: Setting, grid: cells.Protocol | None = None) -> Ta
                      "with `--jobs 2` two processes share the CPU, so each run takes longer and "
                      "the campaign about half the summed time.")
   return table
+
+
+def _method_label(cell: str) -> str:
+  """A cell's label, without its p where the protocol may choose p (its ``family``)."""
+  label = cells.CELLS[cell].label
+  return label if cells.CELLS[cell].family is None else label.split(" (")[0] + " (the p chosen)"
 
 
 def _protocol_setting(setting: Setting, grid: cells.Protocol) -> list[str]:
@@ -699,9 +725,12 @@ def _protocol_setting(setting: Setting, grid: cells.Protocol) -> list[str]:
       "random subset of the training pool, scored on a dev split of "
       f"{grid.dev_size} examples carved out of the training data (not in the pool). The rate "
       "with the best mean dev score is taken; where it is at the grid's end the grid grows a "
-      f"step that way, {grid.max_rate_steps} steps at most.",
+      f"step that way, {grid.max_rate_steps} steps at most."
+      + (" Where a method runs at several p, p is chosen the same way: the p whose chosen rate "
+         "has the best mean dev score runs the final seeds, the others none."
+         if any(len(grid.family(*key)) > 1 for key in grid.keys()) else ""),
       f"- Finals at the chosen rate: seeds {_seeds_text(grid.headline_seeds)} for "
-      + " and ".join([", ".join(cells.CELLS[cell].label for cell in grid.headline_cells)
+      + " and ".join([", ".join(_method_label(cell) for cell in grid.headline_cells)
                       + " everywhere"] * bool(grid.headline_cells)
                      + [f"every method on {model}'s {cells.TASKS[task].label.split(' (')[0]} "
                         f"at {size}" for model, task, size in grid.headlines])
