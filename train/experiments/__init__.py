@@ -1,8 +1,8 @@
 """The paper's experiments on real offline data: one command each, several seeds, tables and figures.
 
   python -m train.prepare_data --output_dir data    # once: the CSV files these read (--mpnet: MPNet)
-  python -m train.experiments protocol    # the paper's protocol: a rate per method chosen on a dev split,
-                                          # 3 tasks, 300 and 1000 examples, MPNet, bootstrap intervals
+  python -m train.experiments protocol    # the paper's protocol: a rate (and p) per method chosen on a dev
+                                          # split, 3 tasks, 300 and 1000 examples, MPNet, bootstrap intervals
   python -m train.experiments methods     # Table 3/4: vanilla, CT-F, CT-D, five prior methods, CT-D + R3F
   python -m train.experiments ablations   # Table 5: prune, random and lowest-Fisher child networks
   python -m train.experiments domain      # Table 2: trained on Rotten Tomatoes, tested on other domains
@@ -22,7 +22,7 @@ the same seeds in every cell. Tables (Markdown + CSV) and figures (PNG) go to
 The package, by what each part does: ``cells.py`` (the setting, the cells and the
 protocol's grid, as the trainer's validated argument dataclasses), ``launcher.py`` (the
 trainer processes: skip, resume, ``--jobs``, failures, stopping; the protocol's stages),
-``protocol.py`` (dev splits, the rate choice, paired bootstrap intervals), ``probe.py``
+``protocol.py`` (dev splits, the rate and p choices, paired bootstrap intervals), ``probe.py``
 (the linear-probe evaluator),
 ``report.py`` (each paper table and figure by name, and RESULTS.md), ``__main__.py`` (the
 command line).
