@@ -456,3 +456,12 @@ def test_protocol_chooses_p_with_the_rate_and_runs_finals_for_the_chosen_p_only(
   text = (tmp_path / "RESULTS.md").read_text()
   assert "Where a method runs at several p, p is chosen the same way" in text
   assert "seeds 100–102 for Vanilla, CT-F (the p chosen) everywhere" in text
+  # While another p's selection is unfinished, no p is chosen, and the finals are not compared.
+  (tmp_path / "root" / "protocol" / "minilm" / "rotten_tomatoes_80" / "ct_f_0.2" / "select"
+   / "lr_0.001" / "seed_0" / "all_results.json").unlink()
+  cli.main(["report", *argv])
+  with open(tmp_path / "results" / "protocol.csv") as file:
+    rows = {row["cell"]: row for row in csv.DictReader(file)}
+  assert rows["ct_f_0.3"]["reading"] == "p not chosen yet: another p's selection is not finished"
+  assert rows["ct_f_0.3"]["seeds"] == "0" and rows["ct_f_0.2"]["seeds"] == "0"
+  assert rows["ct_d_0.3"]["seeds"] == "2"

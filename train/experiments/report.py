@@ -286,6 +286,9 @@ def protocol_table(setting: Setting, grid: cells.Protocol | None = None) -> Tabl
     if member not in (None, cell):  # another p of this method was chosen: no finals here
       comparison = None
       reading = f"p not chosen: the dev split chose {cells.CELLS[member].label}"
+    elif choice is not None and member is None:  # another p's selection is not finished
+      comparison = None
+      reading = "p not chosen yet: another p's selection is not finished"
     if majority is not None:  # nothing to compare: the task was not learned
       comparison = None
       reading = (f"not learned: dev at the majority class's {100 * majority:.1f}; no finals"
