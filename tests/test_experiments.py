@@ -456,6 +456,16 @@ def test_protocol_chooses_p_with_the_rate_and_runs_finals_for_the_chosen_p_only(
   text = (tmp_path / "RESULTS.md").read_text()
   assert "Where a method runs at several p, p is chosen the same way" in text
   assert "seeds 100–102 for Vanilla, CT-F (the p chosen) everywhere" in text
+  # Finals of a p not chosen (run before the p grid was whole) count as spent, not planned.
+  unchosen = (tmp_path / "root" / "protocol" / "minilm" / "rotten_tomatoes_80" / "ct_f_0.3"
+              / "final" / "lr_0.001" / "seed_100")
+  unchosen.mkdir(parents=True)
+  (unchosen / "all_results.json").write_text(json.dumps({"eval_accuracy": 0.5}))
+  cli.main(["report", *argv])
+  assert "| **8** of 8, and 1 of a p the dev split did not choose |" in (
+      tmp_path / "results" / "protocol_compute.md").read_text()
+  with open(tmp_path / "results" / "protocol.csv") as file:
+    assert {row["cell"]: row for row in csv.DictReader(file)}["ct_f_0.3"]["seeds"] == "0"
   # While another p's selection is unfinished, no p is chosen, and the finals are not compared.
   (tmp_path / "root" / "protocol" / "minilm" / "rotten_tomatoes_80" / "ct_f_0.2" / "select"
    / "lr_0.001" / "seed_0" / "all_results.json").unlink()

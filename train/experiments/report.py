@@ -690,9 +690,14 @@ def protocol_compute(setting: Setting, grid: cells.Protocol | None = None) -> Ta
                if protocol_not_learned(setting, *group, grid) is not None}
   finals = sum(len(grid.seeds_of_final(*key)) for key in grid.keys()  # one p of each method
                if key[:3] not in unlearned and grid.family(*key)[0] == key[3])
+  # Finals of a p the dev split did not choose (run before the p grid was whole): spent, not planned.
+  unchosen = sum(len(list((setting.protocol_cell_dir(*key) / "final").glob("*/*/all_results.json")))
+                 for key in grid.keys()
+                 if protocol_member(setting, *key, grid) not in (None, key[3]))
   table.rows.append(["all", "", "", f"**{totals['select']}** (the first grids plan {planned}, "
-                     "before any extension)", f"**{totals['final']}** of {finals}"
-                     + (" (none where the task was not learned)" if unlearned else ""),
+                     "before any extension)", f"**{totals['final'] - unchosen}** of {finals}"
+                     + (" (none where the task was not learned)" if unlearned else "")
+                     + (f", and {unchosen} of a p the dev split did not choose" if unchosen else ""),
                      f"**{_minutes(totals['seconds'])}**"])
   table.notes.append(f"Wall time as each trainer process measured it, on {machines(setting)}; "
                      "with `--jobs 2` two processes share the CPU, so each run takes longer and "
