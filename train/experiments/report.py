@@ -345,7 +345,9 @@ def protocol_figure(setting: Setting, path: Path, grid: cells.Protocol | None = 
   axis.axhline(0, color="grey", linewidth=1)
   labelled = set()
   for index, group in enumerate(groups):
-    present = [cell for cell in others if cell in comparisons[group]]
+    methods = list(dict.fromkeys(cells.CELLS[cell].family or cell for cell in others))
+    present = sorted((cell for cell in others if cell in comparisons[group]),  # CT-F's p, then CT-D's
+                     key=lambda cell: methods.index(cells.CELLS[cell].family or cell))
     width = 0.8 / max(1, len(present))
     for number, cell in enumerate(present):  # centred on the group's tick
       comparison = comparisons[group][cell]
