@@ -33,6 +33,11 @@ class Cell:
   keep_checkpoint: bool = False  # the probe reads the fine-tuned encoder from it
   family: str | None = None  # the method whose p this cell fixes (the protocol chooses p)
 
+  @property
+  def method(self) -> str:
+    """The method this cell runs: its ``family`` where it fixes one p of it, else the cell."""
+    return self.family or self.name
+
 
 def _ct_f(p):
   return Cell(f"ct_f_{p}", f"CT-F (p={p})", {"mode": "ChildTuning-F", "reserve_p": p},
@@ -202,8 +207,7 @@ class Protocol:
                  if key[:3] == (model, task, size) and CELLS[key[3]].family == family) or (cell,)
 
   def seeds_of_final(self, model: str, task: str, size: int, cell: str) -> tuple[int, ...]:
-    headline_methods = {CELLS[name].family or name for name in self.headline_cells}
-    headline = ((CELLS[cell].family or cell) in headline_methods
+    headline = (CELLS[cell].method in {CELLS[name].method for name in self.headline_cells}
                 or (model, task, size) in self.headlines)
     return self.headline_seeds if headline else self.final_seeds
 

@@ -220,17 +220,27 @@ def protocol_choice(setting: Setting, model: str, task: str, size: int, cell: st
   return protocol.choose_rate(complete)
 
 
+def protocol_selection(setting: Setting, grid: cells.Protocol | None = None
+                       ) -> dict[tuple[str, str, int, str], tuple[protocol.RateChoice | None,
+                                                                   str | None]]:
+  """``{(model, task, size, cell): (the rate the dev split chose, the member of the cell's
+  family it chose)}``, each selection read once. The member (:func:`protocol.choose_member`
+  among :meth:`cells.Protocol.family`: the method at each p) is None until every member has
+  its rate; it is the cell itself where the method has no other p."""
+  grid = grid or cells.PROTOCOL
+  choices = {key: protocol_choice(setting, *key, grid) for key in grid.keys()}
+  selection = {}
+  for key, choice in choices.items():
+    family = {member: choices.get((*key[:3], member)) for member in grid.family(*key)}
+    whole = all(member_choice is not None for member_choice in family.values())
+    selection[key] = (choice, protocol.choose_member(family) if whole else None)
+  return selection
+
+
 def protocol_member(setting: Setting, model: str, task: str, size: int, cell: str,
                     grid: cells.Protocol | None = None) -> str | None:
-  """The member of ``cell``'s family (:meth:`cells.Protocol.family`: the method at each p)
-  that the dev split chose (:func:`protocol.choose_member`), once every member has its rate;
-  ``cell`` itself where it has no other p."""
-  grid = grid or cells.PROTOCOL
-  choices = {member: protocol_choice(setting, model, task, size, member, grid)
-             for member in grid.family(model, task, size, cell)}
-  if any(choice is None for choice in choices.values()):
-    return None
-  return protocol.choose_member(choices)
+  """The member of ``cell``'s family the dev split chose (:func:`protocol_selection`)."""
+  return protocol_selection(setting, grid)[(model, task, size, cell)][1]
 
 
 def protocol_not_learned(setting: Setting, model: str, task: str, size: int,
@@ -248,15 +258,14 @@ def protocol_not_learned(setting: Setting, model: str, task: str, size: int,
 
 
 def protocol_finals(setting: Setting, grid: cells.Protocol | None = None):
-  """``{(model, task, size, cell): (RateChoice or None, {seed: validation score})}``; no
-  scores for a cell whose p the dev split did not choose (:func:`protocol_member`)."""
+  """``{(model, task, size, cell): (RateChoice or None, chosen member or None, {seed:
+  validation score})}`` (:func:`protocol_selection`); no scores for a cell whose p the dev
+  split did not choose."""
   grid = grid or cells.PROTOCOL
   finals = {}
-  for key in grid.keys():
-    choice = protocol_choice(setting, *key, grid)
-    chosen = choice is not None and protocol_member(setting, *key, grid) == key[3]
-    finals[key] = (choice, protocol_scores(setting, *key, "final", choice.rate,
-                                           grid.seeds_of_final(*key)) if chosen else {})
+  for key, (choice, member) in protocol_selection(setting, grid).items():
+    finals[key] = (choice, member, protocol_scores(
+        setting, *key, "final", choice.rate, grid.seeds_of_final(*key)) if member == key[3] else {})
   return finals
 
 
@@ -270,19 +279,18 @@ def protocol_table(setting: Setting, grid: cells.Protocol | None = None) -> Tabl
   finals = protocol_finals(setting, grid)
   not_learned = {group: protocol_not_learned(setting, *group, grid)
                  for group in dict.fromkeys(key[:3] for key in finals)}
-  for (model, task, size, cell), (choice, scores) in finals.items():
+  for (model, task, size, cell), (choice, member, scores) in finals.items():
     dev = protocol_dev_scores(setting, model, task, size, cell, grid=grid)
     dev_text = ", ".join(f"{rate:g}: {100 * np.mean(v):.1f}"
                          + ("*" if choice and rate == choice.rate else "")
                          for rate, v in dev.items() if v) or "–"
     values = [100 * v for v in scores.values()]
-    baseline = finals.get((model, task, size, grid.baseline), (None, {}))[1]
+    baseline = finals.get((model, task, size, grid.baseline), (None, None, {}))[2]
     comparison = None if cell == grid.baseline else protocol.compare(scores, baseline)
     rate_text = "–" if choice is None else f"{choice.rate:g}" + (
         "" if choice.bracketed else " (grid end)")
     majority = not_learned[(model, task, size)]
     reading = "" if comparison is None else comparison.verdict
-    member = None if choice is None else protocol_member(setting, model, task, size, cell, grid)
     if member not in (None, cell):  # another p of this method was chosen: no finals here
       comparison = None
       reading = f"p not chosen: the dev split chose {cells.CELLS[member].label}"
@@ -335,19 +343,19 @@ def protocol_figure(setting: Setting, path: Path, grid: cells.Protocol | None = 
   finals = protocol_finals(setting, grid)
   others = list(dict.fromkeys(key[3] for key in finals if key[3] != grid.baseline))
   comparisons = {}  # {group: {cell: Comparison}}, the groups with something to show
-  for key, (_, scores) in finals.items():
+  for key, (_, _, scores) in finals.items():
     if key[3] != grid.baseline and (*key[:3], grid.baseline) in finals:
-      comparison = protocol.compare(scores, finals[(*key[:3], grid.baseline)][1])
+      comparison = protocol.compare(scores, finals[(*key[:3], grid.baseline)][2])
       if comparison.seeds >= 2:
         comparisons.setdefault(key[:3], {})[key[3]] = comparison
   groups = list(comparisons)
   figure, axis = plt.subplots(figsize=(max(6, 1.6 * len(groups)), 4.5))
   axis.axhline(0, color="grey", linewidth=1)
   labelled = set()
+  methods = list(dict.fromkeys(cells.CELLS[cell].method for cell in others))
   for index, group in enumerate(groups):
-    methods = list(dict.fromkeys(cells.CELLS[cell].family or cell for cell in others))
     present = sorted((cell for cell in others if cell in comparisons[group]),  # CT-F's p, then CT-D's
-                     key=lambda cell: methods.index(cells.CELLS[cell].family or cell))
+                     key=lambda cell: methods.index(cells.CELLS[cell].method))
     width = 0.8 / max(1, len(present))
     for number, cell in enumerate(present):  # centred on the group's tick
       comparison = comparisons[group][cell]
@@ -694,8 +702,8 @@ def protocol_compute(setting: Setting, grid: cells.Protocol | None = None) -> Ta
                if key[:3] not in unlearned and grid.family(*key)[0] == key[3])
   # Finals of a p the dev split did not choose (run before the p grid was whole): spent, not planned.
   unchosen = sum(len(list((setting.protocol_cell_dir(*key) / "final").glob("*/*/all_results.json")))
-                 for key in grid.keys()
-                 if protocol_member(setting, *key, grid) not in (None, key[3]))
+                 for key, (_, member) in protocol_selection(setting, grid).items()
+                 if member not in (None, key[3]))
   table.rows.append(["all", "", "", f"**{totals['select']}** (the first grids plan {planned}, "
                      "before any extension)", f"**{totals['final'] - unchosen}** of {finals}"
                      + (" (none where the task was not learned)" if unlearned else "")
