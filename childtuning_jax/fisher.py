@@ -8,6 +8,7 @@ mini-batch gradients instead; that estimator is available as
 
 from __future__ import annotations
 
+import collections
 import functools
 from typing import Any, Callable, Iterable, Iterator, Literal, Mapping
 
@@ -145,6 +146,14 @@ def estimate_fisher(
   num_examples = num_batches = 0
   bar = _progress_bar(progress)
   chunks = _padded_chunks(batches, chunk_size, keep_batches_apart=not per_example)
+  # Chunks dispatched but not finished. On the CPU each finishes before the next is
+  # dispatched: XLA's CPU devices share one thread pool, and with chunks queued, devices of a
+  # later chunk can hold its threads while they wait in their all-reduce, so that an earlier
+  # chunk's all-reduce never gathers its devices; after 40 s XLA aborts the process (seen with
+  # 8 forced CPU devices on 2 cores: tests/test_fisher.py). The host computes the chunks there
+  # anyway. An accelerator gets one chunk queued behind the running one, so it does not wait
+  # for the host.
+  in_flight, depth = collections.deque(), 1 if jax.default_backend() == "cpu" else 2
   for chunk_index, (chunk, num_valid, ends_batch) in enumerate(chunks):
     weights = (np.arange(chunk_size) < num_valid).astype(np.float32)
     if chunk_index == 0:
@@ -154,8 +163,10 @@ def estimate_fisher(
     if per_example:
       total = _stateless(add_squared_example_grads, total, params, chunk, weights, base_key,
                          chunk_index)
+      in_flight.append(total)
     else:
       grad_sum = _stateless(weighted_grad_sum, params, chunk, weights, base_key, chunk_index)
+      in_flight.append(grad_sum)
       batch_grad = jax.tree.map(jnp.add, batch_grad, grad_sum)
       batch_examples += num_valid
       if ends_batch:
@@ -163,6 +174,8 @@ def estimate_fisher(
         total = jax.tree.map(lambda t, g: t + jnp.square(g / batch_examples), total, batch_grad)
         batch_grad, batch_examples = zeros(), 0
         num_batches += 1
+    if len(in_flight) >= depth:
+      jax.block_until_ready(in_flight.popleft())
     num_examples += num_valid
     bar.update(num_valid)
   bar.close()

@@ -1,5 +1,9 @@
 """Tests of estimate_fisher against brute-force loops."""
 
+import subprocess
+import sys
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -311,3 +315,38 @@ def test_a_model_that_updates_state_in_the_pass_is_refused_with_the_fix():
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   fisher = estimate_fisher(loss_fn, params, data, chunk_size=2)
   assert sum(float(jnp.sum(x)) for x in jax.tree.leaves(fisher)) > 0
+
+
+# Thousands of chunks over 8 forced CPU devices, each chunk an all-reduce over the 8: with
+# every chunk dispatched at once, XLA's CPU devices (one shared thread pool) deadlocked in a
+# rendezvous and XLA aborted the process after 40 s, in 2 of 3 such runs on 2 cores
+# (childtuning_jax/fisher.py: estimate_fisher keeps one chunk in flight on the CPU).
+_MANY_CHUNKS = """
+import os, sys
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from childtuning_jax import estimate_fisher
+mesh = Mesh(np.array(jax.devices()), ("data",))
+rng = np.random.default_rng(0)
+params = jax.device_put({"w1": rng.normal(size=(64, 256)).astype(np.float32),
+                         "w2": rng.normal(size=(256, 2)).astype(np.float32)}, NamedSharding(mesh, P()))
+def loss(params, batch):
+  logits = jnp.tanh(batch["x"] @ params["w1"]) @ params["w2"]
+  return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(len(logits)), batch["labels"]])
+data = [{"x": rng.normal(size=(16, 64)).astype(np.float32), "labels": rng.integers(0, 2, 16)}
+        for _ in range(4000)]
+for _ in range(3):
+  fisher = estimate_fisher(loss, params, data, chunk_size=16,
+                           data_sharding=NamedSharding(mesh, P("data")))
+  assert np.isfinite(np.asarray(fisher["w1"])).all()
+print("finished")
+"""
+
+
+def test_thousands_of_sharded_chunks_on_cpu_devices_finish(tmp_path):
+  script = tmp_path / "many_chunks.py"
+  script.write_text(_MANY_CHUNKS)
+  result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          timeout=300, cwd=Path(__file__).resolve().parent.parent)
+  assert result.returncode == 0 and "finished" in result.stdout, result.stderr[-3000:]
