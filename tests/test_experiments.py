@@ -450,6 +450,12 @@ def test_protocol_chooses_p_with_the_rate_and_runs_finals_for_the_chosen_p_only(
   assert rows["ct_d_0.1"]["reading"] == "p not chosen: the dev split chose CT-D (p=0.3)"
   assert float(rows["ct_f_0.2"]["delta"]) == pytest.approx(0.9 + 1 / 40 - 0.8)
   assert rows["ct_f_0.2"]["seeds_paired"] == "3" and rows["ct_d_0.3"]["seeds_paired"] == "2"
+  # The Bonferroni reading counts the intervals shown (CT-F at p = 0.2 and CT-D at p = 0.3),
+  # not the p's the dev split passed over.
+  assert "1 - 0.05/2, for the 2 intervals of this table" in (
+      tmp_path / "results" / "protocol.md").read_text()
+  assert {cell for cell, row in rows.items() if row["bonferroni_reading"]} == {"ct_f_0.2", "ct_d_0.3"}
+  assert rows["ct_f_0.2"]["bonferroni_reading"] == rows["ct_d_0.3"]["bonferroni_reading"] == "helps"
   compute = (tmp_path / "results" / "protocol_compute.md").read_text()
   assert "| **30** (the first grids plan 30, before any extension) | **8** of 8 |" in compute
   cli.main(["report", *argv])

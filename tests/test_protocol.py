@@ -116,6 +116,11 @@ def test_bootstrap_interval_of_the_mean():
   assert low == pytest.approx(values.mean() - half, abs=2e-4)
   assert high == pytest.approx(values.mean() + half, abs=2e-4)
   assert protocol.bootstrap_interval(values) == (low, high)  # seeded
+  # At a Bonferroni level (the report's, for 15 intervals: 1 - 0.05/15): wider, as z = 2.935.
+  low, high = protocol.bootstrap_interval(values, level=1 - 0.05 / 15)
+  half = 2.935 * values.std() / np.sqrt(len(values))
+  assert low == pytest.approx(values.mean() - half, abs=3e-4)
+  assert high == pytest.approx(values.mean() + half, abs=3e-4)
 
 
 def test_comparison_is_paired_by_seed_and_says_only_what_the_interval_allows():

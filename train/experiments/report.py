@@ -275,8 +275,10 @@ def protocol_table(setting: Setting, grid: cells.Protocol | None = None) -> Tabl
   table = Table("protocol", "Each method at the learning rate its dev split chose: validation "
                 "accuracy, and the paired difference to vanilla with its 95% bootstrap interval",
                 ["Model", "Task", "Train size", "Method", "Dev accuracy by rate", "Rate", "Seeds",
-                 "Accuracy: mean (std)", "Δ vs vanilla [95% CI]", "Reading"])
+                 "Accuracy: mean (std)", "Δ vs vanilla [95% CI]", "Reading",
+                 "Reading, Bonferroni"])
   finals = protocol_finals(setting, grid)
+  compared = []  # per row: (scores, baseline's scores) where the row compares, else None
   not_learned = {group: protocol_not_learned(setting, *group, grid)
                  for group in dict.fromkeys(key[:3] for key in finals)}
   for (model, task, size, cell), (choice, member, scores) in finals.items():
@@ -320,6 +322,17 @@ def protocol_table(setting: Setting, grid: cells.Protocol | None = None) -> Tabl
             "seeds_paired": comparison.seeds, "seeds_better": comparison.wins}),
         "reading": reading or None,
         **{f"seed_{seed}": value for seed, value in scores.items()}})
+    compared.append(None if comparison is None or comparison.seeds < 2 else (scores, baseline))
+  # The family: every interval the table shows. Each at level 1 - 0.05/m, all m hold together
+  # with at least 95% probability.
+  family = sum(inputs is not None for inputs in compared)
+  level = 1 - (1 - protocol.LEVEL) / max(1, family)
+  for row, raw, inputs in zip(table.rows, table.raw, compared):
+    adjusted = None if inputs is None else protocol.compare(*inputs, level=level)
+    row.append("" if adjusted is None else adjusted.verdict)
+    if adjusted is not None:
+      raw.update(bonferroni_low=adjusted.low, bonferroni_high=adjusted.high,
+                 bonferroni_reading=adjusted.verdict)
   table.notes.append(
       f"Dev accuracy by rate: the mean over selection seeds {list(grid.selection_seeds)} of "
       f"each learning rate's runs, scored on {grid.dev_size} examples carved out of the "
@@ -333,6 +346,13 @@ def protocol_table(setting: Setting, grid: cells.Protocol | None = None) -> Tabl
       "nothing is compared there, and the other methods do not run. Where a method runs at "
       "several p, p is chosen like the rate: the p whose chosen rate has the best mean dev "
       "score runs the final seeds, the others none.")
+  if family:
+    table.notes.append(
+        f"Reading, Bonferroni: the verdict of the same bootstrap at level {100 * level:.2f}% "
+        f"(1 - 0.05/{family}, for the {family} intervals of this table): together they cover "
+        f"all {family} true differences with about 95% probability, where {family} separate 95% "
+        "intervals can be expected to miss about one in twenty. With ten seeds, a percentile "
+        "bootstrap's far tails are themselves approximate.")
   return table
 
 
