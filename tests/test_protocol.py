@@ -117,7 +117,9 @@ def test_bootstrap_interval_of_the_mean():
   assert high == pytest.approx(values.mean() + half, abs=2e-4)
   assert protocol.bootstrap_interval(values) == (low, high)  # seeded
   # At a Bonferroni level (the report's, for 15 intervals: 1 - 0.05/15): wider, as z = 2.935.
-  low, high = protocol.bootstrap_interval(values, level=1 - 0.05 / 15)
+  assert protocol.bonferroni_level(15) == pytest.approx(1 - 0.05 / 15)
+  assert protocol.bonferroni_level(1) == protocol.bonferroni_level(0) == protocol.LEVEL
+  low, high = protocol.bootstrap_interval(values, level=protocol.bonferroni_level(15))
   half = 2.935 * values.std() / np.sqrt(len(values))
   assert low == pytest.approx(values.mean() - half, abs=3e-4)
   assert high == pytest.approx(values.mean() + half, abs=3e-4)

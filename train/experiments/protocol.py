@@ -148,6 +148,12 @@ def bootstrap_interval(differences: Sequence[float], *, samples: int = BOOTSTRAP
   return float(low), float(high)
 
 
+def bonferroni_level(intervals: int, level: float = LEVEL) -> float:
+  """The level at which each of ``intervals`` intervals is drawn so that all of them hold
+  together with probability at least ``level`` (Bonferroni: 1 - (1 - level) / intervals)."""
+  return 1 - (1 - level) / max(1, intervals)
+
+
 @dataclasses.dataclass(frozen=True)
 class Comparison:
   """A method against a baseline over the seeds both ran: the mean per-seed difference, its

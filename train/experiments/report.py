@@ -326,7 +326,7 @@ def protocol_table(setting: Setting, grid: cells.Protocol | None = None) -> Tabl
   # The family: every interval the table shows. Each at level 1 - 0.05/m, all m hold together
   # with at least 95% probability.
   family = sum(inputs is not None for inputs in compared)
-  level = 1 - (1 - protocol.LEVEL) / max(1, family)
+  level = protocol.bonferroni_level(family)
   for row, raw, inputs in zip(table.rows, table.raw, compared):
     adjusted = None if inputs is None else protocol.compare(*inputs, level=level)
     row.append("" if adjusted is None else adjusted.verdict)
@@ -362,13 +362,14 @@ def protocol_figure(setting: Setting, path: Path, grid: cells.Protocol | None = 
   plt = _pyplot()
   finals = protocol_finals(setting, grid)
   others = list(dict.fromkeys(key[3] for key in finals if key[3] != grid.baseline))
-  comparisons = {}  # {group: {cell: Comparison}}, the groups with something to show
+  comparisons = {}  # {group: {cell: (Comparison, scores)}}, the groups with something to show
   for key, (_, _, scores) in finals.items():
     if key[3] != grid.baseline and (*key[:3], grid.baseline) in finals:
       comparison = protocol.compare(scores, finals[(*key[:3], grid.baseline)][2])
       if comparison.seeds >= 2:
-        comparisons.setdefault(key[:3], {})[key[3]] = comparison
+        comparisons.setdefault(key[:3], {})[key[3]] = comparison, scores
   groups = list(comparisons)
+  level = protocol.bonferroni_level(sum(map(len, comparisons.values())))
   figure, axis = plt.subplots(figsize=(max(6, 1.6 * len(groups)), 4.5))
   axis.axhline(0, color="grey", linewidth=1)
   labelled = set()
@@ -378,19 +379,24 @@ def protocol_figure(setting: Setting, path: Path, grid: cells.Protocol | None = 
                      key=lambda cell: methods.index(cells.CELLS[cell].method))
     width = 0.8 / max(1, len(present))
     for number, cell in enumerate(present):  # centred on the group's tick
-      comparison = comparisons[group][cell]
+      comparison, scores = comparisons[group][cell]
+      adjusted = protocol.compare(scores, finals[(*group, grid.baseline)][2], level=level)
       x = index - 0.4 + width * (number + 0.5)
-      axis.errorbar(x, 100 * comparison.mean, yerr=[[100 * (comparison.mean - comparison.low)],
-                                                    [100 * (comparison.high - comparison.mean)]],
-                    fmt="o", color=f"C{others.index(cell)}", capsize=3,
-                    label=None if cell in labelled else cells.CELLS[cell].label)
+      for interval, style in ((adjusted, {"linewidth": 0.8, "alpha": 0.45, "capsize": 6}),
+                              (comparison, {"capsize": 3})):  # Bonferroni's thin, behind
+        axis.errorbar(x, 100 * interval.mean, yerr=[[100 * (interval.mean - interval.low)],
+                                                    [100 * (interval.high - interval.mean)]],
+                      fmt="o", color=f"C{others.index(cell)}", **style,
+                      label=(None if cell in labelled or interval is adjusted
+                             else cells.CELLS[cell].label))
       labelled.add(cell)
   axis.set_xticks(range(len(groups)), [f"{model}\n{cells.TASKS[task].label.split(' (')[0]}\n"
                                        f"{size} examples" for model, task, size in groups],
                   fontsize=7)
   axis.set_ylabel("Δ validation accuracy vs vanilla (points)")
-  axis.set_title("Paired difference to vanilla, 95% bootstrap interval (each method at its own "
-                 "rate)", fontsize=9)
+  axis.set_title("Paired difference to vanilla (each method at its own rate):\n95% bootstrap "
+                 f"interval (thick) and Bonferroni's {100 * level:.2f}% (thin)",
+                 fontsize=9)
   if axis.get_legend_handles_labels()[0]:
     axis.legend(fontsize=7)
   figure.tight_layout()
