@@ -323,8 +323,8 @@ def protocol_table(setting: Setting, grid: cells.Protocol | None = None) -> Tabl
         "reading": reading or None,
         **{f"seed_{seed}": value for seed, value in scores.items()}})
     compared.append(None if comparison is None or comparison.seeds < 2 else (scores, baseline))
-  # The family: every interval the table shows. Each at level 1 - 0.05/m, all m hold together
-  # with at least 95% probability.
+  # The family: every interval the table shows. Each at level 1 - 0.05/m: were each exact,
+  # all m would hold together with at least 95% probability (Bonferroni).
   family = sum(inputs is not None for inputs in compared)
   level = protocol.bonferroni_level(family)
   for row, raw, inputs in zip(table.rows, table.raw, compared):
