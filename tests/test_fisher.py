@@ -1,5 +1,6 @@
 """Tests of estimate_fisher against brute-force loops."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -347,6 +348,8 @@ print("finished")
 def test_thousands_of_sharded_chunks_on_cpu_devices_finish(tmp_path):
   script = tmp_path / "many_chunks.py"
   script.write_text(_MANY_CHUNKS)
+  repo = str(Path(__file__).resolve().parent.parent)  # importable also where not installed
+  path = os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")]))
   result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
-                          timeout=300, cwd=Path(__file__).resolve().parent.parent)
+                          timeout=300, cwd=repo, env={**os.environ, "PYTHONPATH": path})
   assert result.returncode == 0 and "finished" in result.stdout, result.stderr[-3000:]
