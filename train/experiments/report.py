@@ -257,6 +257,13 @@ def protocol_not_learned(setting: Setting, model: str, task: str, size: int,
   return majority if choice.mean_dev_score <= majority else None
 
 
+def protocol_majorities(setting: Setting, grid: cells.Protocol) -> dict[tuple[str, str, int],
+                                                                        float | None]:
+  """:func:`protocol_not_learned` for each model, task and size of the grid."""
+  return {group: protocol_not_learned(setting, *group, grid)
+          for group in dict.fromkeys(key[:3] for key in grid.keys())}
+
+
 def protocol_finals(setting: Setting, grid: cells.Protocol | None = None):
   """``{(model, task, size, cell): (RateChoice or None, chosen member or None, {seed:
   validation score})}`` (:func:`protocol_selection`); no scores for a cell whose p the dev
@@ -269,6 +276,25 @@ def protocol_finals(setting: Setting, grid: cells.Protocol | None = None):
   return finals
 
 
+def protocol_comparisons(finals, not_learned, grid: cells.Protocol):
+  """``({key: (Comparison at 95%, Comparison at the Bonferroni level or None)}, that level)``
+  for every cell but the baseline, from :func:`protocol_finals`. The family is every interval
+  the protocol shows: two paired seeds or more, in a task the baseline learned
+  (``not_learned``: :func:`protocol_majorities`). Each is drawn at
+  1 - 0.05/m: were each exact, all m would hold together with at least 95% probability."""
+  compared = {}
+  for key, (_, _, scores) in finals.items():
+    if key[3] != grid.baseline:
+      baseline = finals.get((*key[:3], grid.baseline), (None, None, {}))[2]
+      compared[key] = scores, baseline, protocol.compare(scores, baseline)
+  family = {key for key, (_, _, comparison) in compared.items()
+            if comparison.seeds >= 2 and not_learned[key[:3]] is None}
+  level = protocol.bonferroni_level(len(family))
+  return {key: (comparison, protocol.compare(scores, baseline, level=level)
+                if key in family else None)
+          for key, (scores, baseline, comparison) in compared.items()}, level
+
+
 def protocol_table(setting: Setting, grid: cells.Protocol | None = None) -> Table:
   """Each method at its own learning rate, chosen on the dev split; scored on validation."""
   grid = grid or cells.PROTOCOL
@@ -278,17 +304,15 @@ def protocol_table(setting: Setting, grid: cells.Protocol | None = None) -> Tabl
                  "Accuracy: mean (std)", "Δ vs vanilla [95% CI]", "Reading",
                  "Reading, Bonferroni"])
   finals = protocol_finals(setting, grid)
-  compared = []  # per row: (scores, baseline's scores) where the row compares, else None
-  not_learned = {group: protocol_not_learned(setting, *group, grid)
-                 for group in dict.fromkeys(key[:3] for key in finals)}
+  not_learned = protocol_majorities(setting, grid)
+  comparisons, level = protocol_comparisons(finals, not_learned, grid)
   for (model, task, size, cell), (choice, member, scores) in finals.items():
     dev = protocol_dev_scores(setting, model, task, size, cell, grid=grid)
     dev_text = ", ".join(f"{rate:g}: {100 * np.mean(v):.1f}"
                          + ("*" if choice and rate == choice.rate else "")
                          for rate, v in dev.items() if v) or "–"
     values = [100 * v for v in scores.values()]
-    baseline = finals.get((model, task, size, grid.baseline), (None, None, {}))[2]
-    comparison = None if cell == grid.baseline else protocol.compare(scores, baseline)
+    comparison, adjusted = comparisons.get((model, task, size, cell), (None, None))
     rate_text = "–" if choice is None else f"{choice.rate:g}" + (
         "" if choice.bracketed else " (grid end)")
     majority = not_learned[(model, task, size)]
@@ -308,7 +332,8 @@ def protocol_table(setting: Setting, grid: cells.Protocol | None = None) -> Tabl
         str(len(values)),
         f"{np.mean(values):.2f} ({np.std(values, ddof=1):.2f})" if len(values) > 1 else
         (f"{values[0]:.2f}" if values else "–"),
-        "" if comparison is None else comparison.text(), reading])
+        "" if comparison is None else comparison.text(), reading,
+        "" if adjusted is None else adjusted.verdict])
     table.raw.append({
         "model": model, "task": task, "train_size": size, "cell": cell,
         "rate": None if choice is None else choice.rate,
@@ -321,18 +346,10 @@ def protocol_table(setting: Setting, grid: cells.Protocol | None = None) -> Tabl
             "delta": comparison.mean, "delta_low": comparison.low, "delta_high": comparison.high,
             "seeds_paired": comparison.seeds, "seeds_better": comparison.wins}),
         "reading": reading or None,
-        **{f"seed_{seed}": value for seed, value in scores.items()}})
-    compared.append(None if comparison is None or comparison.seeds < 2 else (scores, baseline))
-  # The family: every interval the table shows. Each at level 1 - 0.05/m: were each exact,
-  # all m would hold together with at least 95% probability (Bonferroni).
-  family = sum(inputs is not None for inputs in compared)
-  level = protocol.bonferroni_level(family)
-  for row, raw, inputs in zip(table.rows, table.raw, compared):
-    adjusted = None if inputs is None else protocol.compare(*inputs, level=level)
-    row.append("" if adjusted is None else adjusted.verdict)
-    if adjusted is not None:
-      raw.update(bonferroni_low=adjusted.low, bonferroni_high=adjusted.high,
-                 bonferroni_reading=adjusted.verdict)
+        **{f"seed_{seed}": value for seed, value in scores.items()},
+        **({} if adjusted is None else {
+            "bonferroni_low": adjusted.low, "bonferroni_high": adjusted.high,
+            "bonferroni_reading": adjusted.verdict})})
   table.notes.append(
       f"Dev accuracy by rate: the mean over selection seeds {list(grid.selection_seeds)} of "
       f"each learning rate's runs, scored on {grid.dev_size} examples carved out of the "
@@ -346,6 +363,7 @@ def protocol_table(setting: Setting, grid: cells.Protocol | None = None) -> Tabl
       "nothing is compared there, and the other methods do not run. Where a method runs at "
       "several p, p is chosen like the rate: the p whose chosen rate has the best mean dev "
       "score runs the final seeds, the others none.")
+  family = sum(adjusted is not None for _, adjusted in comparisons.values())
   if family:
     table.notes.append(
         f"Reading, Bonferroni: the verdict of the same bootstrap at level {100 * level:.2f}% "
@@ -362,14 +380,13 @@ def protocol_figure(setting: Setting, path: Path, grid: cells.Protocol | None = 
   plt = _pyplot()
   finals = protocol_finals(setting, grid)
   others = list(dict.fromkeys(key[3] for key in finals if key[3] != grid.baseline))
-  comparisons = {}  # {group: {cell: (Comparison, scores)}}, the groups with something to show
-  for key, (_, _, scores) in finals.items():
-    if key[3] != grid.baseline and (*key[:3], grid.baseline) in finals:
-      comparison = protocol.compare(scores, finals[(*key[:3], grid.baseline)][2])
-      if comparison.seeds >= 2:
-        comparisons.setdefault(key[:3], {})[key[3]] = comparison, scores
+  not_learned = protocol_majorities(setting, grid)
+  pairs, level = protocol_comparisons(finals, not_learned, grid)
+  comparisons = {}  # {group: {cell: (Comparison, Bonferroni's)}}, the groups with something to show
+  for key, (comparison, adjusted) in pairs.items():
+    if adjusted is not None:
+      comparisons.setdefault(key[:3], {})[key[3]] = comparison, adjusted
   groups = list(comparisons)
-  level = protocol.bonferroni_level(sum(map(len, comparisons.values())))
   figure, axis = plt.subplots(figsize=(max(6, 1.6 * len(groups)), 4.5))
   axis.axhline(0, color="grey", linewidth=1)
   labelled = set()
@@ -379,8 +396,7 @@ def protocol_figure(setting: Setting, path: Path, grid: cells.Protocol | None = 
                      key=lambda cell: methods.index(cells.CELLS[cell].method))
     width = 0.8 / max(1, len(present))
     for number, cell in enumerate(present):  # centred on the group's tick
-      comparison, scores = comparisons[group][cell]
-      adjusted = protocol.compare(scores, finals[(*group, grid.baseline)][2], level=level)
+      comparison, adjusted = comparisons[group][cell]
       x = index - 0.4 + width * (number + 0.5)
       for interval, style in ((adjusted, {"linewidth": 0.8, "alpha": 0.45, "capsize": 6}),
                               (comparison, {"capsize": 3})):  # Bonferroni's thin, behind
@@ -722,8 +738,8 @@ def protocol_compute(setting: Setting, grid: cells.Protocol | None = None) -> Ta
     totals = {"select": totals["select"] + counts["select"],
               "final": totals["final"] + counts["final"], "seconds": totals["seconds"] + seconds}
   planned = sum(len(grid.selection_seeds) * len(grid.rates_of(*key)) for key in grid.keys())
-  unlearned = {group for group in dict.fromkeys(key[:3] for key in grid.keys())
-               if protocol_not_learned(setting, *group, grid) is not None}
+  unlearned = {group for group, majority in protocol_majorities(setting, grid).items()
+               if majority is not None}
   finals = sum(len(grid.seeds_of_final(*key)) for key in grid.keys()  # one p of each method
                if key[:3] not in unlearned and grid.family(*key)[0] == key[3])
   # Finals of a p the dev split did not choose (run before the p grid was whole): spent, not planned.
