@@ -12,7 +12,8 @@ one mode's device memory (BERT-large: ~15 GiB in float32).
 It also times the per-example Fisher over one batch against one batched backward pass.
 ``--profile`` traces each mode's steps with JAX's profiler and reports the device's busy
 time per step by kind of kernel (``bench/kernel_profile.py``): on a GPU, busy time well
-below the step's wall time means the device waits on the host. XLA runs a GPU step as CUDA
+below the step's wall time means the device waits on the host, and the profile names the
+host's events (XLA's runtime, the CUDA driver's calls, Python) that ran while it waited. XLA runs a GPU step as CUDA
 graphs, each traced as one operation; ``XLA_FLAGS=--xla_gpu_enable_command_buffer=`` turns
 them off, so that the profile shows each kernel (and the step pays for each launch).
 
@@ -362,6 +363,20 @@ def render(results: dict) -> str:
                    f"{row['step_s'] * 1e3:.2f} ms | {prof['total_s'] * 1e3:.2f} ms | {busy_mfu} | "
                    + " | ".join(f"{prof['by_kind'][k] * 1e3:.2f} ms" for k in KINDS)
                    + f" | `{op[:40]}` ({kind}, {seconds * 1e3:.2f} ms) |")
+    waited = [row for row in profiled if "idle_s" in row["profile"]]  # runs since it was added
+    if waited:
+      lines += ["", "Where the device waited: per step, the time between its first and last "
+                "traced operation in which it ran nothing (idle), and the host's events whose "
+                "self time (outside the events they contain) fell in that time most, each "
+                "with its self time in all (the host's threads summed):", "",
+                "| model | dtype | mode | idle | host events in the idle time (in idle / in all) |",
+                "| --- | --- | --- | ---: | --- |"]
+      for row in waited:
+        prof = row["profile"]
+        events = "; ".join(f"`{name[:60]}` {in_gaps * 1e3:.2f} / {total * 1e3:.2f} ms"
+                           for name, in_gaps, total in prof["host_while_idle"][:3]) or "–"
+        lines.append(f"| {row['size']} | {row['dtype']} | {row['mode']} | "
+                     f"{prof['idle_s'] * 1e3:.2f} ms | {events} |")
   if results.get("fisher"):
     f = results["fisher"]
     lines += ["", f"Per-example Fisher over {results['batch_size']} examples ({f['size']}, "

@@ -16,6 +16,7 @@ the computations it calls, contain. It needs only jax.
 
 from __future__ import annotations
 
+import bisect
 import collections
 import re
 import tempfile
@@ -82,31 +83,109 @@ def _stat(event, name: str):
   return None
 
 
-def traced_op_times(trace_dir: str) -> tuple[dict[str, float], list[str]]:
-  """Seconds per XLA operation in the trace written to ``trace_dir``: on a device plane
-  (GPU/TPU) its stream lines' kernels, otherwise the host threads' events that name an
-  ``hlo_op`` (the CPU runtime's operations); and the names of the lines read."""
+def _trace(trace_dir: str):
   files = sorted(Path(trace_dir).rglob("*.xplane.pb"))
   if not files:
     raise RuntimeError(f"the profiler wrote no trace under {trace_dir}")
-  data = jax.profiler.ProfileData.from_file(str(files[-1]))
-  planes = [p for p in data.planes if p.name.startswith("/device:")] or list(data.planes)
-  times: dict[str, float] = collections.defaultdict(float)
-  read = []
-  for plane in planes:
+  return jax.profiler.ProfileData.from_file(str(files[-1]))
+
+
+def _device_and_host_events(data) -> tuple[list, list, list[str]]:
+  """The trace's XLA operations on the device, ``[(start_ns, end_ns, op)]``: on a device
+  plane (GPU/TPU) its stream lines' kernels (or, without stream lines, its events that name
+  an ``hlo_op``), and without device planes (CPU) the events of the host's threads that
+  name an ``hlo_op`` (the runtime's operations); everything else the host's threads did,
+  per thread ``[(start_ns, end_ns, name)]``; and the names of the device lines read."""
+  has_devices = any(p.name.startswith("/device:") for p in data.planes)
+  device, host, read = [], [], []
+  for plane in data.planes:
+    on_device = plane.name.startswith("/device:")
     lines = list(plane.lines)
-    streams = [line for line in lines if line.name.startswith("Stream")]
-    for line in streams or lines:  # not the derived summary lines, which count again
+    streams = on_device and any(line.name.startswith("Stream") for line in lines)
+    for line in lines:
+      if streams and not line.name.startswith("Stream"):
+        continue  # a device's derived summary lines, which count its kernels again
+      thread = []
       end = -1.0  # of the last operation counted on this line: one inside it is not counted
       for event in sorted(line.events, key=lambda e: e.start_ns):
-        op = _stat(event, "hlo_op")
-        if (op is None and not streams) or event.start_ns < end:
-          continue  # a host event that is no XLA operation, or one nested in a while loop's
-        end = event.start_ns + event.duration_ns
-        if not read or read[-1] != f"{plane.name} {line.name}":
-          read.append(f"{plane.name} {line.name}")
-        times[str(op if op is not None else event.name)] += event.duration_ns * 1e-9
+        op = _stat(event, "hlo_op") if on_device or not has_devices else None
+        if streams or op is not None:
+          if event.start_ns < end:
+            continue  # nested in a while loop's operation, already counted
+          end = event.start_ns + event.duration_ns
+          device.append((event.start_ns, end, str(op if op is not None else event.name)))
+          if not read or read[-1] != f"{plane.name} {line.name}":
+            read.append(f"{plane.name} {line.name}")
+        elif not on_device and event.duration_ns > 0:
+          thread.append((event.start_ns, event.start_ns + event.duration_ns, str(event.name)))
+      if thread:
+        host.append(thread)
+  return device, host, read
+
+
+def traced_op_times(trace_dir: str) -> tuple[dict[str, float], list[str]]:
+  """Seconds per XLA operation in the trace written to ``trace_dir`` (the device's
+  operations of :func:`_device_and_host_events`), and the names of the lines read."""
+  device, _, read = _device_and_host_events(_trace(trace_dir))
+  times: dict[str, float] = collections.defaultdict(float)
+  for start, end, op in device:
+    times[op] += (end - start) * 1e-9
   return dict(times), read
+
+
+def _self_times(events: list) -> list:
+  """One thread's events, ``[(start, end, name)]``, nested as a call stack, cut into the
+  spans in which each is the innermost: ``[(start, end, name)]`` (an event's self time)."""
+  spans, stack = [], []  # stack: [end, name, start of its current span]
+
+  def close(until):
+    while stack and stack[-1][0] <= until:
+      end, name, since = stack.pop()
+      spans.append((since, end, name))
+      if stack:
+        stack[-1][2] = end  # the caller is innermost again
+
+  for start, end, name in sorted(events, key=lambda e: (e[0], -e[1])):
+    close(start)
+    if stack:
+      spans.append((stack[-1][2], start, stack[-1][1]))
+      end = min(end, stack[-1][0])  # a callee ends with its caller
+    stack.append([end, name, start])
+  close(float("inf"))
+  return [span for span in spans if span[1] > span[0]]
+
+
+def host_while_idle(device: list, host: list) -> tuple[float, dict[str, tuple[float, float]]]:
+  """Where the device waits: the seconds within the traced span of ``device``'s operations
+  (first start to last end) in which none ran, and per name of a host event (``host``: per
+  thread, its events), the seconds of its self time (not inside a nested event) that fall
+  in those gaps, and its self time in all."""
+  busy: list[list[float]] = []  # merged, sorted intervals in which some operation ran
+  for start, end, _ in sorted(device):
+    if busy and start <= busy[-1][1]:
+      busy[-1][1] = max(busy[-1][1], end)
+    else:
+      busy.append([start, end])
+  if not busy:
+    return 0.0, {}
+  first, last = busy[0][0], busy[-1][1]
+  starts = [b[0] for b in busy]
+  before = [0.0]  # busy time before each interval
+  for b in busy:
+    before.append(before[-1] + b[1] - b[0])
+
+  def busy_until(t: float) -> float:  # busy time in [first, t)
+    i = bisect.bisect_right(starts, t) - 1
+    return 0.0 if i < 0 else before[i] + min(t, busy[i][1]) - busy[i][0]
+
+  names: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0.0])
+  for thread in host:
+    for start, end, name in _self_times(thread):
+      s, e = max(start, first), min(end, last)
+      names[name][0] += 0.0 if e <= s else ((e - s) - (busy_until(e) - busy_until(s))) * 1e-9
+      names[name][1] += (end - start) * 1e-9
+  idle_total = (last - first - before[-1]) * 1e-9
+  return idle_total, {name: (idle, total) for name, (idle, total) in names.items()}
 
 
 def kind_of(op: str, kinds: dict[str, str]) -> str:
@@ -119,18 +198,29 @@ def kind_of(op: str, kinds: dict[str, str]) -> str:
 def profile_kernels(run, hlo_text: str, steps: int, top: int = 8) -> dict:
   """Traces ``run()`` (which runs ``steps`` steps and waits for them) and returns, per step,
   the device's busy seconds, ``{"total_s", "by_kind": {kind: s}, "top": [(op, kind, s)]}``,
-  and the wall seconds of the traced steps (``wall_s``)."""
+  the wall seconds of the traced steps (``wall_s``), the seconds in which the device ran
+  nothing between its first and last operation (``idle_s``), and the host's events that
+  overlap those gaps most (``host_while_idle``: ``[(name, self seconds in the gaps, self
+  seconds)]``: what the device waited for, e.g. the Python dispatch of the next step)."""
   with tempfile.TemporaryDirectory() as trace_dir:
     with jax.profiler.trace(trace_dir):
       start = time.perf_counter()
       run()
       wall = time.perf_counter() - start
-    times, lines = traced_op_times(trace_dir)
+    device, host, lines = _device_and_host_events(_trace(trace_dir))
+  times: dict[str, float] = collections.defaultdict(float)
+  for begin, end, op in device:
+    times[op] += (end - begin) * 1e-9
   kinds = kernel_kinds(hlo_text)
   by_kind = dict.fromkeys(KINDS, 0.0)
   for op, seconds in times.items():
     by_kind[kind_of(op, kinds)] += seconds / steps
   ranked = sorted(times.items(), key=lambda item: -item[1])[:top]
+  idle, waits = host_while_idle(device, host)
+  waiting = sorted(waits.items(), key=lambda item: -item[1][0])[:top]
   return {"total_s": sum(times.values()) / steps, "wall_s": wall / steps, "by_kind": by_kind,
           "ops": len(times), "lines": lines,
-          "top": [(op, kind_of(op, kinds), seconds / steps) for op, seconds in ranked]}
+          "top": [(op, kind_of(op, kinds), seconds / steps) for op, seconds in ranked],
+          "idle_s": idle / steps,
+          "host_while_idle": [(name, in_gaps / steps, total / steps)
+                              for name, (in_gaps, total) in waiting if in_gaps > 0]}

@@ -53,6 +53,11 @@ def test_tiny_run_needs_only_jax_flax_optax_numpy(tmp_path):
   for row in rows.values():  # --profile: the device time of each step, by kind of kernel
     assert row["profile"]["total_s"] > 0 and row["profile"]["by_kind"]["matmul"] > 0
   assert "Device time per step by kind of kernel" in done.stdout
+  for row in rows.values():  # and what the host did while the device ran nothing
+    profile = row["profile"]
+    assert profile["idle_s"] >= 0 and all(0 < in_gaps <= total + 1e-9
+                                          for _, in_gaps, total in profile["host_while_idle"])
+  assert "Where the device waited" in done.stdout
   # --render prints the same table from the JSON alone, running nothing.
   rendered = subprocess.run([sys.executable, "-c", BLOCKED_RUN, "--render", str(out)],
                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)

@@ -2,6 +2,7 @@
 device time per kind read back from a JAX profiler trace."""
 
 import sys
+import time
 from pathlib import Path
 
 import jax
@@ -105,3 +106,43 @@ def test_profile_of_a_compiled_function_on_this_backend():
   assert profile["top"][0][1] == "matmul"  # 2·768³ multiply-adds outweigh the rest
   assert 0 < profile["total_s"] and 0 < profile["wall_s"]
   assert profile["ops"] >= 3 and profile["lines"]
+
+
+def test_host_while_idle_counts_self_time_in_the_gaps_between_device_operations():
+  """Device operations at [0, 10) and [5, 20) (overlapping: one busy span), [30, 40) and
+  [50, 60): 20 ns idle between them. On one thread, "step" at [15, 58) calls "dispatch" at
+  [22, 28), which calls "parse" at [25, 26): "step" is innermost in [15, 22) and [28, 58),
+  14 ns of it in the gaps; "dispatch" 5 ns, "parse" 1 ns, both in a gap. An event on another
+  thread before the first operation spends none of its time in the gaps."""
+  device = [(0, 10, "a"), (5, 20, "b"), (30, 40, "c"), (50, 60, "d")]
+  host = [[(15, 58, "step"), (22, 28, "dispatch"), (25, 26, "parse")], [(-30, -5, "before")]]
+  idle, names = kernel_profile.host_while_idle(device, host)
+  assert idle == pytest.approx(20e-9)
+  assert names["step"] == pytest.approx((14e-9, 37e-9))
+  assert names["dispatch"] == pytest.approx((5e-9, 5e-9))
+  assert names["parse"] == pytest.approx((1e-9, 1e-9))
+  assert names["before"] == pytest.approx((0.0, 25e-9))
+  assert kernel_profile.host_while_idle([], host) == (0.0, {})
+
+
+def test_profile_names_the_host_work_the_device_waits_for():
+  """Between steps the host sleeps 30 ms inside a trace annotation: the device idles about
+  that long per step, and the sleep is the host event whose self time overlaps the gaps
+  most (the Python tracer's event for it, or the annotation where Python is not traced)."""
+  x = jnp.ones((256, 256))
+  compiled = jax.jit(lambda x: jnp.tanh(x @ x)).lower(x).compile()
+  compiled(x).block_until_ready()
+
+  def run():
+    for _ in range(4):
+      compiled(x).block_until_ready()
+      with jax.profiler.TraceAnnotation("host work"):
+        time.sleep(0.03)
+
+  profile = kernel_profile.profile_kernels(run, compiled.as_text(), steps=4)
+  name, in_gaps, total = profile["host_while_idle"][0]
+  assert name in ("$time sleep", "host work")
+  assert total == pytest.approx(0.03, rel=0.5)
+  # 3 of the 4 sleeps lie between device operations (the last one after them all)
+  assert 0.75 * 0.03 * 3 / 4 <= in_gaps <= total
+  assert profile["idle_s"] >= in_gaps
