@@ -13,7 +13,8 @@ It also times the per-example Fisher over one batch against one batched backward
 ``--profile`` traces each mode's steps with JAX's profiler and reports the device's busy
 time per step by kind of kernel (``bench/kernel_profile.py``): on a GPU, busy time well
 below the step's wall time means the device waits on the host, and the profile names the
-host's events (XLA's runtime, the CUDA driver's calls, Python) that ran while it waited. XLA runs a GPU step as CUDA
+host's events (XLA's runtime, the CUDA driver's calls, Python) that ran while it waited,
+beside the time the timing loop spent inside the call to the compiled step. XLA runs a GPU step as CUDA
 graphs, each traced as one operation; ``XLA_FLAGS=--xla_gpu_enable_command_buffer=`` turns
 them off, so that the profile shows each kernel (and the step pays for each launch).
 
@@ -194,8 +195,9 @@ def block(tree):
 
 def prepare(size: str, dtype: str, mode: str, args) -> tuple[dict, object]:
   """Compiles the step of (size, dtype, mode): ``({"compile_s", "temp_mib"}, run)``, where
-  ``run(steps)`` runs that many steps from the state it keeps and returns their mean time
-  and the last loss (``run`` is None with ``--compile_only``)."""
+  ``run(steps)`` runs that many steps from the state it keeps and returns their mean time,
+  the last loss and the mean time the host spent inside the call to the compiled step
+  (``run`` is None with ``--compile_only``)."""
   config = dataclasses.replace(SIZES[size], dtype=dtype)
   model = EncoderForSequenceClassification(config)
   batch = fake_batch(config, args.batch_size, args.seq_len)
@@ -226,14 +228,17 @@ def prepare(size: str, dtype: str, mode: str, args) -> tuple[dict, object]:
   one_at_a_time = jax.default_backend() == "cpu"
   carry = [state]
 
-  def run(steps: int) -> tuple[float, float]:
+  def run(steps: int) -> tuple[float, float, float]:
+    calling = 0.0  # inside the calls: where the host, not the device, sets the pace
     start = time.perf_counter()
     for _ in range(steps):
+      called = time.perf_counter()
       carry[0], value = compiled(carry[0], batch)
+      calling += time.perf_counter() - called
       if one_at_a_time:
         block(value)
     block((carry[0], value))
-    return (time.perf_counter() - start) / steps, float(value)
+    return (time.perf_counter() - start) / steps, float(value), calling / steps
 
   run(2)  # warm-up
   if args.profile:
@@ -245,18 +250,21 @@ def time_interleaved(runs: dict, args) -> dict:
   """Rounds of ``--steps`` steps of every mode in turn (the order rotated each round), so
   that a drift of the machine's speed during the run reaches every mode alike; per mode:
   the median over rounds of a round's mean step, and its ratio to vanilla's step of the
-  same round (median and range over rounds)."""
+  same round (median and range over rounds); and the median of a step's time inside the
+  call to the compiled step (``call_s``: near the step time, the host sets the pace)."""
   rounds = {mode: [] for mode in runs}
+  calls = {mode: [] for mode in runs}
   losses = {}
   order = list(runs)
   for r in range(args.rounds):
     for mode in order[r % len(order):] + order[:r % len(order)]:
-      seconds, losses[mode] = runs[mode](args.steps)
+      seconds, losses[mode], calling = runs[mode](args.steps)
       rounds[mode].append(seconds)
+      calls[mode].append(calling)
   timed = {}
   for mode, times in rounds.items():
     timed[mode] = {"step_s": statistics.median(times), "round_step_s": times,
-                   "loss": losses[mode]}
+                   "loss": losses[mode], "call_s": statistics.median(calls[mode])}
     if "vanilla" in rounds:
       ratios = [t / v for t, v in zip(times, rounds["vanilla"])]
       timed[mode].update(ratio=statistics.median(ratios), ratio_range=[min(ratios), max(ratios)])
@@ -365,17 +373,21 @@ def render(results: dict) -> str:
                    + f" | `{op[:40]}` ({kind}, {seconds * 1e3:.2f} ms) |")
     waited = [row for row in profiled if "idle_s" in row["profile"]]  # runs since it was added
     if waited:
-      lines += ["", "Where the device waited: per step, the time between its first and last "
-                "traced operation in which it ran nothing (idle), and the host's events whose "
-                "self time (outside the events they contain) fell in that time most, each "
-                "with its self time in all (the host's threads summed):", "",
-                "| model | dtype | mode | idle | host events in the idle time (in idle / in all) |",
-                "| --- | --- | --- | ---: | --- |"]
+      lines += ["", "Where the device waited: per step, the time the timing loop spent inside "
+                "the call to the compiled step (near the step's time, the host sets the pace), "
+                "the time between the device's first and last traced operation in which it ran "
+                "nothing (idle), and the host's events whose self time (outside the events they "
+                "contain) fell in that time most, each with its self time in all (the host's "
+                "threads summed):", "",
+                "| model | dtype | mode | step | in the call | idle | host events in the idle "
+                "time (in idle / in all) |",
+                "| --- | --- | --- | ---: | ---: | ---: | --- |"]
       for row in waited:
         prof = row["profile"]
         events = "; ".join(f"`{name[:60]}` {in_gaps * 1e3:.2f} / {total * 1e3:.2f} ms"
                            for name, in_gaps, total in prof["host_while_idle"][:3]) or "–"
         lines.append(f"| {row['size']} | {row['dtype']} | {row['mode']} | "
+                     f"{row['step_s'] * 1e3:.2f} ms | {row['call_s'] * 1e3:.2f} ms | "
                      f"{prof['idle_s'] * 1e3:.2f} ms | {events} |")
   if results.get("fisher"):
     f = results["fisher"]

@@ -57,6 +57,7 @@ def test_tiny_run_needs_only_jax_flax_optax_numpy(tmp_path):
     profile = row["profile"]
     assert profile["idle_s"] >= 0 and all(0 < in_gaps <= total + 1e-9
                                           for _, in_gaps, total in profile["host_while_idle"])
+    assert 0 < row["call_s"] <= max(row["round_step_s"])  # the call is part of the step
   assert "Where the device waited" in done.stdout
   # --render prints the same table from the JSON alone, running nothing.
   rendered = subprocess.run([sys.executable, "-c", BLOCKED_RUN, "--render", str(out)],
@@ -99,7 +100,7 @@ def test_interleaved_rounds_take_each_ratio_within_its_round():
     def run(steps):
       drift = 3.0 ** (len(calls) // len(cost))  # the round this call belongs to
       calls.append(mode)
-      return cost[mode] * drift, 0.5
+      return cost[mode] * drift, 0.5, 0.1 * cost[mode] * drift  # step, loss, time in the call
     return run
 
   class Args:
@@ -111,3 +112,4 @@ def test_interleaved_rounds_take_each_ratio_within_its_round():
     assert timed[mode]["ratio_range"] == pytest.approx([factor, factor])
     assert timed[mode]["step_s"] == pytest.approx(factor * 3.0)  # the median round
     assert timed[mode]["round_step_s"] == pytest.approx([factor, factor * 3, factor * 9])
+    assert timed[mode]["call_s"] == pytest.approx(0.1 * factor * 3.0)  # also the median round
