@@ -127,10 +127,14 @@ def traced_op_times(trace_dir: str) -> tuple[dict[str, float], list[str]]:
   """Seconds per XLA operation in the trace written to ``trace_dir`` (the device's
   operations of :func:`_device_and_host_events`), and the names of the lines read."""
   device, _, read = _device_and_host_events(_trace(trace_dir))
+  return _seconds_per_op(device), read
+
+
+def _seconds_per_op(device: list) -> dict[str, float]:
   times: dict[str, float] = collections.defaultdict(float)
   for start, end, op in device:
     times[op] += (end - start) * 1e-9
-  return dict(times), read
+  return dict(times)
 
 
 def _self_times(events: list) -> list:
@@ -208,9 +212,7 @@ def profile_kernels(run, hlo_text: str, steps: int, top: int = 8) -> dict:
       run()
       wall = time.perf_counter() - start
     device, host, lines = _device_and_host_events(_trace(trace_dir))
-  times: dict[str, float] = collections.defaultdict(float)
-  for begin, end, op in device:
-    times[op] += (end - begin) * 1e-9
+  times = _seconds_per_op(device)
   kinds = kernel_kinds(hlo_text)
   by_kind = dict.fromkeys(KINDS, 0.0)
   for op, seconds in times.items():
