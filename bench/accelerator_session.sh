@@ -3,7 +3,8 @@
 # H100 after start-up): BERT-large's bfloat16 step (vanilla, CT-F, CT-D) with --profile,
 # first with XLA's default CUDA graphs, then with while loops and conditionals captured in
 # them too (CT-F's per-shape mask loops are while loops, which split its step into about
-# twenty graphs: BENCHMARKS.md, the H100 runs). Each run's table, JSON and log go to $OUT;
+# twenty graphs: BENCHMARKS.md, the H100 runs; they had a trip per leaf then, two now:
+# _random.MASK_LOOP_TRIPS). Each run's table, JSON and log go to $OUT;
 # the profile's "Where the device waited" table names the host's work while the GPU idles.
 #
 #   bash bench/accelerator_session.sh                      (on the device: $OUT is set)

@@ -21,6 +21,13 @@ from jax import lax
 # the keep probability is within 2**-33 of p.
 RANDOM_LEVELS = 1 << 32
 
+# bernoulli_per_shape draws the arrays of one shape in a loop of this many trips, each
+# trip drawing its share of the arrays at once (None: a trip per array, as before). At
+# least two: XLA inlines a one-trip loop, and its draws are then fused into every consumer
+# again. No more than two: on a GPU a trip is a kernel launched on its own, outside the
+# step's CUDA graphs, and a trip per array made hundreds of small ones (BENCHMARKS.md).
+MASK_LOOP_TRIPS = 2
+
 # Threefry-2x32 rotation constants (Salmon et al., 2011), as in jax.random.
 _THREEFRY_ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
 
@@ -125,8 +132,9 @@ def bernoulli_per_shape(key: jax.Array, p: float | jax.Array, shapes: list[tuple
   decisions (an optimizer's several updates of each leaf), and a BERT's hundreds of
   leaves then multiply the program XLA compiles several times over (BENCHMARKS.md,
   compile times). Here the arrays of one shape are drawn in one loop (``lax.map`` over
-  their keys), whose decisions are written to memory, one byte per entry; an array
-  whose shape no other has is drawn alone, fused into its consumers as before.
+  their keys, :data:`MASK_LOOP_TRIPS` trips), whose decisions are written to memory, one
+  byte per entry; an array whose shape no other has is drawn alone, fused into its
+  consumers as before.
 
   ``rows``: :func:`rows_per_shape` of ``shapes`` as traced values (inputs of the jitted
   function, e.g. an optimizer state's). Each array then reads its row of its shape's
@@ -146,8 +154,10 @@ def bernoulli_per_shape(key: jax.Array, p: float | jax.Array, shapes: list[tuple
       i, = members
       keeps[i] = _hash_positions(words[i, 0], words[i, 1], shape) < threshold
       continue
+    per_trip = 1 if MASK_LOOP_TRIPS is None else -(-len(members) // MASK_LOOP_TRIPS)
+    padded = members + [members[-1]] * (-len(members) % per_trip)  # the extra rows: unread
     drawn = lax.map(lambda w, shape=shape: _hash_positions(w[0], w[1], shape) < threshold,
-                    words[np.asarray(members)])
+                    words[np.asarray(padded)], batch_size=per_trip)
     for row, i in enumerate(members):
       keeps[i] = (drawn[row] if rows is None
                   else lax.dynamic_index_in_dim(drawn, rows[i], keepdims=False))

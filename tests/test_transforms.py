@@ -267,6 +267,40 @@ def test_free_leaves_of_one_shape_share_their_kernels():
     np.testing.assert_array_equal(a, b)
 
 
+def _loop_lengths(jaxpr) -> list[int]:
+  """The trip counts of the scans (``lax.map``) in a jaxpr, its sub-jaxprs included."""
+  lengths = []
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "scan":
+      lengths.append(eqn.params["length"])
+    for value in eqn.params.values():
+      for sub in value if isinstance(value, (tuple, list)) else (value,):
+        sub = getattr(sub, "jaxpr", sub)  # a ClosedJaxpr's jaxpr
+        if hasattr(sub, "eqns"):
+          lengths += _loop_lengths(sub)
+  return lengths
+
+
+@pytest.mark.parametrize("trips", [2, 3, None])
+def test_free_draws_each_shape_in_a_few_trips_with_the_same_masks(monkeypatch, trips):
+  """The leaves of one shape are drawn in a loop of MASK_LOOP_TRIPS trips whatever their
+  number (on a GPU each trip is a kernel of its own), the last trip padded where they do not
+  divide; every trip count, and a trip per leaf (None), gives the same masks."""
+  from childtuning_jax import _random
+  shapes = {**{f"k{i}": (8, 4) for i in range(7)}, **{f"b{i}": (4,) for i in range(5)},
+            "x0": (3,), "x1": (3,), "alone": (2, 2)}
+  grads = {name: jnp.full(shape, 1.0) for name, shape in shapes.items()}
+  tx = child_tuning_free(0.5, key=3)
+  state = tx.init(grads)
+  reference = jax.jit(tx.update)(grads, state)[0]
+  monkeypatch.setattr(_random, "MASK_LOOP_TRIPS", trips)
+  update = lambda g, s: tx.update(g, s)  # a new function: traced again under the patch
+  lengths = sorted(_loop_lengths(jax.make_jaxpr(update)(grads, state).jaxpr))
+  assert lengths == ([2, 5, 7] if trips is None else sorted([min(trips, 2), trips, trips]))
+  got = jax.jit(update)(grads, state)[0]
+  for name in grads:
+    np.testing.assert_array_equal(got[name], reference[name], err_msg=name)
+
 @pytest.mark.parametrize("bad", [0.0, -0.1, 1.5, float("nan"), 1e-11])
 def test_free_refuses_reserve_p_out_of_range(bad):
   with pytest.raises(ValueError, match="reserve_p"):
