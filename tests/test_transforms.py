@@ -195,13 +195,16 @@ def test_free_pmap_replicas_identical_and_equal_to_single_device(key):
 @pytest.mark.parametrize("key", [4, jax.random.key(4)], ids=["int", "typed"])
 def test_free_sharded_params_no_gather_and_same_masks(key):
   mesh = jax.sharding.Mesh(np.array(jax.devices()).reshape(4, 2), ("data", "model"))
-  # Two kernels and two biases of one shape: drawn in one loop each (bernoulli_per_shape).
+  # Three kernels and two biases of one shape: drawn in one loop each (bernoulli_per_shape),
+  # the kernels two in a trip (the second trip padded).
   rng = np.random.default_rng(0)
   grads = {"kernel": jnp.asarray(rng.normal(size=(64, 128)), jnp.float32),
            "kernel2": jnp.asarray(rng.normal(size=(64, 128)), jnp.float32),
+           "kernel3": jnp.asarray(rng.normal(size=(64, 128)), jnp.float32),
            "bias": jnp.ones((128,)), "bias2": jnp.ones((128,)), "odd": jnp.ones((8, 6))}
-  specs = {"kernel": P("data", "model"), "kernel2": P("data", "model"), "bias": P("model"),
-           "bias2": P("model"), "odd": P("data", None)}
+  specs = {"kernel": P("data", "model"), "kernel2": P("data", "model"),
+           "kernel3": P("data", "model"), "bias": P("model"), "bias2": P("model"),
+           "odd": P("data", None)}
   sharded = jax.tree.map(lambda x, s: jax.device_put(x, NamedSharding(mesh, s)), grads, specs)
   tx = child_tuning_free(0.3, key)
   state = tx.init(grads)
