@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
-# The prepared command for a lent GPU (one `run` of the device tool, about 8 minutes on an
-# H100 after start-up): BERT-large's bfloat16 step (vanilla, CT-F, CT-D) with --profile,
-# at batch 32 with XLA's default CUDA graphs, again with while loops and conditionals
-# captured in them too (CT-F's per-shape mask loops are while loops, which split its step
-# into about twenty graphs: BENCHMARKS.md, the H100 runs; they had a trip per leaf then,
-# two now: _random.MASK_LOOP_TRIPS), and at batch 128 (where the H100's busy time came
-# closest to the issue's 45% MFU, and its idle time was larger). Each run's table, JSON
-# and log go to $OUT; the profile's "Where the device waited" table names the host's work
-# while the GPU idles.
+# The prepared command for a lent GPU (one `run` of the device tool, about 9 minutes on an
+# H100 after start-up): BERT-large's bfloat16 step with --profile, in three runs:
+# - batch 32, XLA's default CUDA graphs;
+# - batch 32, while loops and conditionals captured in the graphs too (CT-F's per-shape
+#   mask loops are while loops, which split its step into about twenty graphs:
+#   BENCHMARKS.md, the H100 runs);
+# - batch 128 (where the H100's busy time came closest to the issue's 45% MFU, and its
+#   idle time was larger).
+# The batch-32 runs also time CT-F with its mask loop as it was in the H100 runs (a trip
+# per leaf, two per shape now: _random.MASK_LOOP_TRIPS). Each run's table, JSON and log go
+# to $OUT; the profile's "Where the device waited" table names the host's work while the
+# GPU idles.
 #
 #   bash bench/accelerator_session.sh                      (on the device: $OUT is set)
 #   OUT=/tmp/s PYTHON=.venv/bin/python BENCH_ARGS="--tiny --profile --fisher_size none" \
@@ -31,7 +34,8 @@ run() {  # run NAME SECONDS "ARGUMENTS" [VAR=value ...]: the benchmark with BENC
   sed -n '/^Device: /,$p' "$OUT/$name.log"
 }
 
-run default_graphs 200 ""
-run while_in_graphs 200 "" \
+BEFORE="--modes vanilla,CT-F,CT-D,CT-F-trip-per-leaf"
+run default_graphs 210 "$BEFORE"
+run while_in_graphs 210 "$BEFORE" \
   XLA_FLAGS=--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL
-run batch128 180 "--batch_size 128"
+run batch128 170 "--batch_size 128"

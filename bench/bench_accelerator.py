@@ -17,6 +17,8 @@ host's events (XLA's runtime, the CUDA driver's calls, Python) that ran while it
 beside the time the timing loop spent inside the call to the compiled step. XLA runs a GPU step as CUDA
 graphs, each traced as one operation; ``XLA_FLAGS=--xla_gpu_enable_command_buffer=`` turns
 them off, so that the profile shows each kernel (and the step pays for each launch).
+``--modes`` can add ``CT-F-trip-per-leaf``: CT-F with the mask loop it had before (a trip
+per leaf, where it now makes two trips per shape), timed beside the others.
 
 It needs only jax, flax, optax and numpy (nothing from the trainer's extras) and the
 library in this repository:
@@ -37,6 +39,7 @@ before a configuration that would start past it, and the JSON says which were le
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import functools
 import json
@@ -44,6 +47,7 @@ import os
 import platform
 import statistics
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -59,7 +63,7 @@ for path in (ROOT, ROOT / "bench"):  # run as a script from anywhere
   if str(path) not in sys.path:
     sys.path.insert(0, str(path))
 
-from childtuning_jax import child_tuning_adamw, estimate_fisher  # noqa: E402
+from childtuning_jax import _random, child_tuning_adamw, estimate_fisher  # noqa: E402
 from kernel_profile import KINDS, profile_kernels  # noqa: E402  (bench/, beside this file)
 from childtuning_jax.models import EncoderConfig, EncoderForSequenceClassification  # noqa: E402
 
@@ -73,6 +77,9 @@ SIZES = {
                                 intermediate_size=4096),
 }
 MODES = ("vanilla", "CT-F", "CT-D")
+# Not run by default (--modes): CT-F as it drew the leaves of one shape before, in a loop
+# trip per leaf (_random.MASK_LOOP_TRIPS; BENCHMARKS.md, how CT-F draws its masks).
+CTF_PER_LEAF = "CT-F-trip-per-leaf"
 DTYPES = ("float32", "bfloat16")
 LEARNING_RATE, WEIGHT_DECAY, MAX_GRAD_NORM = 2e-5, 0.01, 1.0
 CPU_MATMUL_N, ACCELERATOR_MATMUL_N = 2048, 8192  # the measured matmul ceiling's size
@@ -157,7 +164,7 @@ def optimizer(mode: str, reserve_p: float, shapes) -> optax.GradientTransformati
   common = dict(weight_decay=WEIGHT_DECAY)
   if mode == "vanilla":
     inner = optax.adamw(LEARNING_RATE, eps=1e-6, **common)
-  elif mode == "CT-F":
+  elif mode in ("CT-F", CTF_PER_LEAF):
     inner = child_tuning_adamw(LEARNING_RATE, reserve_p=reserve_p, key=0, **common)
   else:
     rng = np.random.default_rng(1)
@@ -188,6 +195,24 @@ def make_step(loss, tx):
   return jax.jit(step, donate_argnums=0)
 
 
+@contextlib.contextmanager
+def patched(module, **attributes):
+  """Temporarily replaces attributes of ``module`` (read when a step is traced)."""
+  saved = {name: getattr(module, name) for name in attributes}
+  for name, value in attributes.items():
+    setattr(module, name, value)
+  try:
+    yield
+  finally:
+    for name, value in saved.items():
+      setattr(module, name, value)
+
+
+# One step traced at a time: a mode's trace may patch the library (``patched``) while the
+# compiles of the others, in other threads, overlap.
+_TRACING = threading.Lock()
+
+
 def block(tree):
   return jax.tree.map(lambda x: x.block_until_ready() if hasattr(x, "block_until_ready") else x,
                       tree)
@@ -213,8 +238,11 @@ def prepare(size: str, dtype: str, mode: str, args) -> tuple[dict, object]:
     batch = jax.device_put(batch)
   print(f"compiling {size}/{dtype}/{mode}", flush=True)  # a slow compile shows where it is
   step = make_step(loss, tx)
-  start = time.perf_counter()
-  compiled = step.lower(state, batch).compile()
+  trips = None if mode == CTF_PER_LEAF else _random.MASK_LOOP_TRIPS
+  with _TRACING, patched(_random, MASK_LOOP_TRIPS=trips):
+    start = time.perf_counter()
+    lowered = step.lower(state, batch)
+  compiled = lowered.compile()
   result = {"compile_s": time.perf_counter() - start}
   print(f"  compiled in {result['compile_s']:.1f} s", flush=True)
   memory = compiled.memory_analysis()
@@ -407,7 +435,8 @@ def main(argv=None):
   parser.add_argument("--dtypes", default="bfloat16,float32",
                       help="run in this order, each over every size (default: %(default)s: a "
                       "run --budget_s stops keeps the bfloat16 steps)")
-  parser.add_argument("--modes", default=",".join(MODES))
+  parser.add_argument("--modes", default=",".join(MODES),
+                      help=f"comma-separated, of {', '.join(MODES + (CTF_PER_LEAF,))}")
   parser.add_argument("--batch_size", type=int, default=32)
   parser.add_argument("--seq_len", type=int, default=128)
   parser.add_argument("--steps", type=int, default=10, help="steps per timed round")
@@ -450,7 +479,7 @@ def main(argv=None):
     args.steps, args.rounds, args.fisher_reps, args.fisher_chunk = 2, 1, 1, 2
   sizes, dtypes, modes = (value.split(",") for value in (args.sizes, args.dtypes, args.modes))
   for name, values, allowed in (("--sizes", sizes, SIZES), ("--dtypes", dtypes, DTYPES),
-                                ("--modes", modes, MODES)):
+                                ("--modes", modes, MODES + (CTF_PER_LEAF,))):
     if unknown := [v for v in values if v not in allowed]:
       parser.error(f"{name}: unknown {unknown}; choose from {list(allowed)}")
   if args.compile_threads is None:  # a CPU's compiles already use its cores

@@ -13,7 +13,6 @@ Run: python bench/bench_core.py            (BENCHMARKS.md records how long the l
 """
 
 import argparse
-import contextlib
 import json
 import os
 import platform
@@ -45,6 +44,7 @@ from childtuning_jax.models.matmul import matmul  # noqa: E402
 from train import trainer  # noqa: E402
 from train.arguments import TrainingArguments  # noqa: E402
 import bench_accelerator  # noqa: E402 (one fake batch for both scripts)
+from bench_accelerator import patched  # noqa: E402
 from benchmarks_md import update_benchmarks_md  # noqa: E402
 
 BATCH, SEQ_LEN, RESERVE_P, LR = 32, 128, 0.3, 2e-5
@@ -225,19 +225,6 @@ def trainer_step(model, tx, params, batch, dropout_key, compiler_options=None):
     return metrics
   run.compiled = compiled
   return run
-
-
-@contextlib.contextmanager
-def patched(module, **attributes):
-  """Temporarily replaces attributes of ``module`` (read when a step is traced)."""
-  saved = {name: getattr(module, name) for name in attributes}
-  for name, value in attributes.items():
-    setattr(module, name, value)
-  try:
-    yield
-  finally:
-    for name, value in saved.items():
-      setattr(module, name, value)
 
 
 class TokensFirstSelfAttention(nn.Module):

@@ -113,3 +113,26 @@ def test_interleaved_rounds_take_each_ratio_within_its_round():
     assert timed[mode]["step_s"] == pytest.approx(factor * 3.0)  # the median round
     assert timed[mode]["round_step_s"] == pytest.approx([factor, factor * 3, factor * 9])
     assert timed[mode]["call_s"] == pytest.approx(0.1 * factor * 3.0)  # also the median round
+
+
+def test_ctf_trip_per_leaf_mode_is_the_same_training_with_the_old_mask_loop():
+  """--modes CT-F-trip-per-leaf: CT-F traced with a mask-loop trip per leaf (as it drew its
+  masks before), the same masks, so the same losses as CT-F; its loops make more trips."""
+  import argparse
+  import re
+
+  sys.path.insert(0, str(ROOT / "bench"))
+  import bench_accelerator as bench
+
+  args = argparse.Namespace(batch_size=4, seq_len=32, reserve_p=0.3, compile_only=False,
+                            profile=True)
+  losses, trips = {}, {}
+  for mode in ("CT-F", bench.CTF_PER_LEAF, "vanilla"):
+    _, run = bench.prepare("tiny", "float32", mode, args)
+    losses[mode] = run(3)[1]
+    loops = [line for line in run.hlo_text.splitlines() if " while(" in line and "pred[" in line]
+    trips[mode] = sorted(int(n) for line in loops
+                         for n in re.findall(r'known_trip_count":\{"n":"(\d+)"', line))
+  assert losses["CT-F"] == losses[bench.CTF_PER_LEAF] != losses["vanilla"]
+  assert trips["CT-F"] and set(trips["CT-F"]) == {2}  # the masks' loops: two trips each
+  assert max(trips[bench.CTF_PER_LEAF]) > 2 and not trips["vanilla"]
