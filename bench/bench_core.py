@@ -44,7 +44,7 @@ from childtuning_jax.models.matmul import matmul  # noqa: E402
 from train import trainer  # noqa: E402
 from train.arguments import TrainingArguments  # noqa: E402
 import bench_accelerator  # noqa: E402 (one fake batch for both scripts)
-from bench_accelerator import patched  # noqa: E402
+from bench_accelerator import CTF_PER_LEAF, patched  # noqa: E402
 from benchmarks_md import update_benchmarks_md  # noqa: E402
 
 BATCH, SEQ_LEN, RESERVE_P, LR = 32, 128, 0.3, 2e-5
@@ -158,10 +158,6 @@ def fake_batch(config, seed=0):
   return bench_accelerator.fake_batch(config, BATCH, SEQ_LEN, seed)
 
 
-# CT-F as it drew the leaves of one shape before: a loop trip per leaf (_random.MASK_LOOP_TRIPS).
-PER_LEAF_TRIPS = "CT-F (a loop trip per leaf)"
-
-
 def bench_update(config, reps):
   """Optimizer update alone (no model), on the parameter tree of `config`."""
   _, params = init_params(config)
@@ -170,21 +166,21 @@ def bench_update(config, reps):
   variants = {
       "adamw": adamw(),
       "CT-F + adamw": optax.chain(child_tuning_free(RESERVE_P, key=0), adamw()),
-      PER_LEAF_TRIPS + " + adamw": optax.chain(child_tuning_free(RESERVE_P, key=0), adamw()),
+      CTF_PER_LEAF + " + adamw": optax.chain(child_tuning_free(RESERVE_P, key=0), adamw()),
       "naive CT-F + adamw": optax.chain(naive_child_tuning_free(RESERVE_P), adamw()),
       "16-bit packed CT-F + adamw": optax.chain(packed_child_tuning_free(RESERVE_P), adamw()),
       "CT-D around adamw": child_tuning_driven(mask, adamw()),
       "CT-D around adamw, sparse state": child_tuning_adamw(
           LR, mode="driven", mask=mask, weight_decay=0.01, sparse_state=True),
       "CT-F mask alone": child_tuning_free(RESERVE_P, key=0),
-      PER_LEAF_TRIPS + " mask alone": child_tuning_free(RESERVE_P, key=0),
+      CTF_PER_LEAF + " mask alone": child_tuning_free(RESERVE_P, key=0),
       "naive CT-F mask alone": naive_child_tuning_free(RESERVE_P),
       "16-bit packed CT-F mask alone": packed_child_tuning_free(RESERVE_P),
   }
   fns = {}
   for name, tx in variants.items():
     state = tx.init(params)
-    trips = None if name.startswith(PER_LEAF_TRIPS) else _random.MASK_LOOP_TRIPS
+    trips = None if name.startswith(CTF_PER_LEAF) else _random.MASK_LOOP_TRIPS
     with patched(_random, MASK_LOOP_TRIPS=trips):  # read while tracing
       update = jax.jit(tx.update).lower(grads, state, params).compile()
     fns[name] = lambda update=update, state=state: update(grads, state, params)

@@ -194,13 +194,24 @@ def estimate_fisher(
 def _zeros_maker(params: Any) -> Callable[[], Any]:
   """A function giving float32 zeros of the parameters' shapes, placed as the parameters
   are (a sharded parameter gets a Fisher sharded the same way: no device holds more than
-  its shard)."""
+  its shard). The placed maker is compiled once per tree, shapes and placement: a later
+  pass over the same parameters compiles nothing (on a GPU a compile costs more than the
+  pass over a small batch)."""
   leaves, treedef = jax.tree.flatten(params)
-  shapes = [jnp.shape(x) for x in leaves]
-  make = lambda: jax.tree.unflatten(treedef, [jnp.zeros(shape, jnp.float32) for shape in shapes])
+  shapes = tuple(tuple(jnp.shape(x)) for x in leaves)
   if leaves and all(isinstance(x, jax.Array) for x in leaves):
-    return jax.jit(make, out_shardings=jax.tree.unflatten(treedef, [x.sharding for x in leaves]))
-  return make
+    placement = (treedef, shapes, tuple(x.sharding for x in leaves))
+    try:
+      return _placed_zeros(*placement)
+    except TypeError:  # a sharding that cannot be hashed: compiled for this pass only
+      return _placed_zeros.__wrapped__(*placement)
+  return lambda: jax.tree.unflatten(treedef, [jnp.zeros(shape, jnp.float32) for shape in shapes])
+
+
+@functools.lru_cache(maxsize=8)
+def _placed_zeros(treedef, shapes: tuple, shardings: tuple) -> Callable[[], Any]:
+  make = lambda: jax.tree.unflatten(treedef, [jnp.zeros(shape, jnp.float32) for shape in shapes])
+  return jax.jit(make, out_shardings=jax.tree.unflatten(treedef, list(shardings)))
 
 
 # Errors of a loss that updates state (a counter, batch statistics) while traced.

@@ -108,6 +108,22 @@ def _counting_loss(traces):
   return loss
 
 
+def test_a_second_pass_over_the_same_parameters_compiles_nothing():
+  """The Fisher's zeros, the chunk functions and the final scaling: all compiled by the first
+  pass (on a GPU a compile can cost more than a pass over a small batch)."""
+  compiles = []
+  listener = lambda event, duration, **kwargs: compiles.append(event)
+  params, data = _init_params(), _data([5, 3])
+  first = estimate_fisher(_loss, params, data, chunk_size=4)
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    second = estimate_fisher(_loss, params, data, chunk_size=4)
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+  assert not [event for event in compiles if "backend_compile" in event], compiles
+  _assert_trees_close(second, first)
+
+
 def test_one_compiled_function_serves_every_batch_size():
   params = _init_params()
   one_batch, uneven = [], []
