@@ -195,8 +195,7 @@ def _zeros_maker(params: Any) -> Callable[[], Any]:
   """A function giving float32 zeros of the parameters' shapes, placed as the parameters
   are (a sharded parameter gets a Fisher sharded the same way: no device holds more than
   its shard). The placed maker is compiled once per tree, shapes and placement: a later
-  pass over the same parameters compiles nothing (on a GPU a compile costs more than the
-  pass over a small batch)."""
+  pass over the same parameters compiles nothing."""
   leaves, treedef = jax.tree.flatten(params)
   shapes = tuple(tuple(jnp.shape(x)) for x in leaves)
   if leaves and all(isinstance(x, jax.Array) for x in leaves):

@@ -110,7 +110,7 @@ def _counting_loss(traces):
 
 def test_a_second_pass_over_the_same_parameters_compiles_nothing():
   """The Fisher's zeros, the chunk functions and the final scaling: all compiled by the first
-  pass (on a GPU a compile can cost more than a pass over a small batch)."""
+  pass, none again by the next."""
   compiles = []
   listener = lambda event, duration, **kwargs: compiles.append(event)
   params, data = _init_params(), _data([5, 3])

@@ -304,6 +304,7 @@ def test_free_draws_each_shape_in_a_few_trips_with_the_same_masks(monkeypatch, t
   for name in grads:
     np.testing.assert_array_equal(got[name], reference[name], err_msg=name)
 
+
 @pytest.mark.parametrize("bad", [0.0, -0.1, 1.5, float("nan"), 1e-11])
 def test_free_refuses_reserve_p_out_of_range(bad):
   with pytest.raises(ValueError, match="reserve_p"):
