@@ -449,7 +449,9 @@ def main(argv=None):
                       help="compile times only, from shapes (no weights in memory)")
   parser.add_argument("--fisher_size", default="bert-base",
                       help="the model of the Fisher measurement ('none' to skip)")
-  parser.add_argument("--fisher_chunk", type=int, default=8)
+  parser.add_argument("--fisher_chunk", type=int, default=32,
+                      help="examples per per-example-gradient call (default: the trainer's "
+                      "--fisher_batch_size; the runs BENCHMARKS.md records so far had 8)")
   parser.add_argument("--fisher_reps", type=int, default=3)
   parser.add_argument("--profile", action="store_true",
                       help="after the timed rounds, trace --steps more steps of each mode with "
