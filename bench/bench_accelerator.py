@@ -208,7 +208,15 @@ def patched(module, **attributes):
       setattr(module, name, value)
 
 
-# One step traced at a time: a mode's trace may patch the library (``patched``) while the
+def traced_as(name: str):
+  """The library as the mode (or variant) ``name`` traces it: CT-F-trip-per-leaf, and a
+  name that starts with it, with CT-F's mask loop as it was (a trip per leaf)."""
+  if name.startswith(CTF_PER_LEAF):
+    return patched(_random, MASK_LOOP_TRIPS=None)
+  return contextlib.nullcontext()
+
+
+# One step traced at a time: a mode's trace may patch the library (``traced_as``) while the
 # compiles of the others, in other threads, overlap.
 _TRACING = threading.Lock()
 
@@ -238,8 +246,7 @@ def prepare(size: str, dtype: str, mode: str, args) -> tuple[dict, object]:
     batch = jax.device_put(batch)
   print(f"compiling {size}/{dtype}/{mode}", flush=True)  # a slow compile shows where it is
   step = make_step(loss, tx)
-  trips = None if mode == CTF_PER_LEAF else _random.MASK_LOOP_TRIPS
-  with _TRACING, patched(_random, MASK_LOOP_TRIPS=trips):
+  with _TRACING, traced_as(mode):
     start = time.perf_counter()
     lowered = step.lower(state, batch)
   compiled = lowered.compile()

@@ -44,7 +44,7 @@ from childtuning_jax.models.matmul import matmul  # noqa: E402
 from train import trainer  # noqa: E402
 from train.arguments import TrainingArguments  # noqa: E402
 import bench_accelerator  # noqa: E402 (one fake batch for both scripts)
-from bench_accelerator import CTF_PER_LEAF, patched  # noqa: E402
+from bench_accelerator import CTF_PER_LEAF, patched, traced_as  # noqa: E402
 from benchmarks_md import update_benchmarks_md  # noqa: E402
 
 BATCH, SEQ_LEN, RESERVE_P, LR = 32, 128, 0.3, 2e-5
@@ -180,8 +180,7 @@ def bench_update(config, reps):
   fns = {}
   for name, tx in variants.items():
     state = tx.init(params)
-    trips = None if name.startswith(CTF_PER_LEAF) else _random.MASK_LOOP_TRIPS
-    with patched(_random, MASK_LOOP_TRIPS=trips):  # read while tracing
+    with traced_as(name):
       update = jax.jit(tx.update).lower(grads, state, params).compile()
     fns[name] = lambda update=update, state=state: update(grads, state, params)
   return alternating_medians(fns, reps)

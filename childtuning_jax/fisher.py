@@ -204,13 +204,17 @@ def _zeros_maker(params: Any) -> Callable[[], Any]:
       return _placed_zeros(*placement)
     except TypeError:  # a sharding that cannot be hashed: compiled for this pass only
       return _placed_zeros.__wrapped__(*placement)
+  return _zeros(treedef, shapes)
+
+
+def _zeros(treedef, shapes: tuple) -> Callable[[], Any]:
   return lambda: jax.tree.unflatten(treedef, [jnp.zeros(shape, jnp.float32) for shape in shapes])
 
 
 @functools.lru_cache(maxsize=8)
 def _placed_zeros(treedef, shapes: tuple, shardings: tuple) -> Callable[[], Any]:
-  make = lambda: jax.tree.unflatten(treedef, [jnp.zeros(shape, jnp.float32) for shape in shapes])
-  return jax.jit(make, out_shardings=jax.tree.unflatten(treedef, list(shardings)))
+  return jax.jit(_zeros(treedef, shapes),
+                 out_shardings=jax.tree.unflatten(treedef, list(shardings)))
 
 
 # Errors of a loss that updates state (a counter, batch statistics) while traced.
