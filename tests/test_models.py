@@ -370,6 +370,56 @@ def test_every_speed_path_setting_computes_the_same_function(tmp_path):
     assert abs(float((y == 0).mean()) - 0.25) < 0.01
 
 
+@pytest.mark.parametrize("kind", ["bert", "mpnet"])
+@pytest.mark.parametrize("dropout", ["hash", "flax"])
+def test_gradient_checkpointing_computes_the_same_loss_gradients_and_dropout(tmp_path, kind,
+                                                                             dropout):
+  """With dropout on (the same key), the recomputed layers give the same loss and the same
+  gradient of every parameter: the backward pass's second forward draws the same dropout."""
+  _torch_model(kind, 3).save_pretrained(tmp_path)
+  ids, mask, types = (jnp.asarray(a, jnp.int32) for a in _padded_batch(kind))
+  labels = jnp.array([0, 2, 1])
+  results = []
+  for checkpointing in (False, True):
+    model, params = load_pretrained(tmp_path, 3, dropout_impl=dropout,
+                                    gradient_checkpointing=checkpointing)
+
+    def loss(params):
+      logits = model.apply({"params": params}, ids, mask, types, deterministic=False,
+                           rngs={"dropout": jax.random.key(7)})
+      return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(3), labels])
+    results.append(jax.jit(jax.value_and_grad(loss))(params))
+  (value, grads), (remat_value, remat_grads) = results
+  np.testing.assert_allclose(remat_value, value, rtol=1e-6)
+  assert jax.tree.structure(remat_grads) == jax.tree.structure(grads)
+  for a, b in zip(jax.tree.leaves(remat_grads), jax.tree.leaves(grads)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_gradient_checkpointing_keeps_only_the_layers_inputs_for_the_backward_pass():
+  """What the forward pass keeps for the backward pass (the residuals of ``jax.vjp``, beside
+  the parameters): every layer's activations without checkpointing, each layer's input with
+  it. (Whether a backend's compiler honours it is its own matter: XLA's CPU backend drops
+  the barriers that keep the recomputation apart, so on the CPU it saves no memory.)"""
+  ids = jnp.ones((16, 64), jnp.int32)
+  kept = {}
+  for checkpointing in (False, True):
+    config = EncoderConfig(vocab_size=500, hidden_size=64, num_hidden_layers=8,
+                           num_attention_heads=4, intermediate_size=256,
+                           gradient_checkpointing=checkpointing)
+    model = encoder_module.EncoderForSequenceClassification(config)
+    params = model.init(jax.random.key(0), ids)["params"]
+    loss = lambda p: model.apply({"params": p}, ids, deterministic=False,
+                                 rngs={"dropout": jax.random.key(0)}).sum()
+    _, backward = jax.vjp(loss, params)
+    weights = {id(leaf) for leaf in jax.tree.leaves(params)}
+    kept[checkpointing] = sum(leaf.nbytes for leaf in jax.tree.leaves(backward)
+                              if id(leaf) not in weights and hasattr(leaf, "nbytes"))
+  layer_input = 16 * 64 * 64 * 4  # batch x length x hidden, float32
+  assert kept[False] > 8 * 10 * layer_input  # attention probabilities, GELU inputs, ...
+  assert kept[True] < 8 * 2 * layer_input + kept[False] / 20, kept
+
+
 def test_the_jax_backward_allows_forward_mode(tmp_path):
   _torch_model("bert", 2).save_pretrained(tmp_path)
   ids, mask, types = (jnp.asarray(a, jnp.int32) for a in _padded_batch("bert"))

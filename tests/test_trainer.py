@@ -116,6 +116,79 @@ def test_fsdp_splits_each_leaf_along_its_largest_divisible_axis_and_the_step_hol
     assert sizes[fsdp] / sizes[1] == pytest.approx(1 / fsdp, rel=0.1), sizes
 
 
+@pytest.fixture(scope="module")
+def tiny_without_dropout(tiny, tmp_path_factory):
+  """The tiny files, and the tiny model with dropout off: then a step's gradient does not
+  depend on how its batch is split."""
+  model = tmp_path_factory.mktemp("no-dropout") / "model"
+  shutil.copytree(tiny["model"], model)
+  config = read_json(model / "config.json")
+  config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+  (model / "config.json").write_text(json.dumps(config))
+  return {**tiny, "model": model}
+
+
+@pytest.mark.parametrize("mode", ["ChildTuning-F", "ChildTuning-D"])
+def test_gradient_accumulation_gives_the_large_batch_result(tiny_without_dropout, tmp_path, mode):
+  """Two micro-batches of 8 per step give the steps of batch 16: on one device, and on 8
+  devices with the state sharded 2 ways (each micro-batch split over the 8). CT-F draws one
+  mask per optimizer step, not one per micro-batch."""
+  tiny = tiny_without_dropout
+  flags = ["--mode", mode, "--learning_rate", "1e-3", "--max_steps", "6", "--warmup_steps", "2",
+           "--fisher_batch_size", "16", "--fisher_num_examples", "64"]
+  large = run(tiny, tmp_path / "large", *flags, "--num_devices", "1",
+              "--per_device_train_batch_size", "16")
+  accumulated = run(tiny, tmp_path / "accumulated", *flags, "--num_devices", "1",
+                    "--per_device_train_batch_size", "8", "--gradient_accumulation_steps", "2")
+  sharded = run(tiny, tmp_path / "sharded", *flags, "--fsdp", "2",
+                "--per_device_train_batch_size", "1", "--gradient_accumulation_steps", "2")
+  steps = {}
+  for name in ("large", "accumulated", "sharded"):
+    records = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+    steps[name] = [(r["step"], r["loss"], r["grad_norm"]) for r in records if "loss" in r]
+  for name, results in (("accumulated", accumulated), ("sharded", sharded)):
+    assert results["eval_loss"] == pytest.approx(large["eval_loss"], rel=1e-5), name
+    assert results["train_steps"] == large["train_steps"] == 6
+    assert [s for s, _, _ in steps[name]] == list(range(1, 7))
+    np.testing.assert_allclose([v for _, *v in steps[name]], [v for _, *v in steps["large"]],
+                               rtol=1e-5)
+  if mode == "ChildTuning-D":
+    mask = dict(np.load(tmp_path / "large" / "mask.npz"))
+    assert ct.mask_jaccard(mask, dict(np.load(tmp_path / "accumulated" / "mask.npz"))) == 1.0
+  with pytest.raises(ValueError, match=r"x 2 micro-batches \(--gradient_accumulation_steps\)"):
+    run(tiny, tmp_path / "too-few", *flags, "--per_device_train_batch_size", "32",
+        "--gradient_accumulation_steps", "2")
+
+
+def test_each_micro_batch_draws_its_own_dropout(tiny):
+  """With dropout on, two copies of one micro-batch give another gradient than that
+  micro-batch alone: micro-batch i draws from fold_in(step key, i)."""
+  context = _context(tiny)
+  tx = optax.sgd(1.0)
+  loss = trainer.task_loss(context.model, is_regression=False)
+  state = trainer.TrainState(step=jnp.zeros((), jnp.int32), params=context.params,
+                             opt_state=tx.init(context.params), dropout_key=jax.random.key(0))
+  rng = np.random.default_rng(0)
+  batch = {"input_ids": rng.integers(5, 30, (4, 8)).astype(np.int32),
+           "attention_mask": np.ones((4, 8), np.int32), "token_type_ids": np.zeros((4, 8), np.int32),
+           "labels": np.array([0, 1, 1, 0], np.int32)}
+  steps = {n: jax.jit(trainer.make_train_step(tx, loss, context.schedule, micro_batches=n))
+           for n in (1, 2)}
+  one, one_metrics = steps[1](state, dict(batch))
+  twice, twice_metrics = steps[2](state, {k: np.stack([v, v]) for k, v in batch.items()})
+  assert float(twice_metrics["loss"]) != pytest.approx(float(one_metrics["loss"]), rel=1e-4)
+  assert float(twice_metrics["grad_norm"]) != pytest.approx(float(one_metrics["grad_norm"]),
+                                                            rel=1e-4)
+  # Without dropout (evaluation mode: no key), the two copies average to the one.
+  eval_loss = lambda params, batch, dropout_key, pretrained=None: loss(params, batch, None)
+  steps = {n: jax.jit(trainer.make_train_step(tx, eval_loss, context.schedule, micro_batches=n))
+           for n in (1, 2)}
+  one, _ = steps[1](state, dict(batch))
+  twice, _ = steps[2](state, {k: np.stack([v, v]) for k, v in batch.items()})
+  for a, b in zip(jax.tree.leaves(twice.params), jax.tree.leaves(one.params)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
 RESUME_FLAGS = ["--mode", "ChildTuning-F", "--learning_rate", "1e-3", "--max_steps", "8",
                 "--save_steps", "3", "--warmup_steps", "2", "--seed", "7"]  # shared: compiled once
 

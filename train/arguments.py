@@ -73,16 +73,24 @@ class ModelArguments:
       "LayerNorm statistics, attention softmax and loss in float32 (EncoderConfig dtype). "
       "For GPUs and TPUs; on this project's CPU it measured slower than float32 "
       "(BENCHMARKS.md, accelerator benchmark).")
+  gradient_checkpointing: bool = _field(
+      False, "Recompute each encoder layer's activations in the backward pass instead of keeping "
+      "them (jax.checkpoint per layer, as Hugging Face's flag): activation memory of about one "
+      "layer plus each layer's input, for a second forward pass of the layers. The same "
+      "gradients. For GPUs and TPUs: XLA's CPU backend does not keep the recomputation apart, "
+      "so on the CPU it saves no memory.")
 
   def __post_init__(self):
     check_ranges(self)
 
-  def config_overrides(self) -> dict[str, str]:
-    """The model config's fields these flags set: the CPU speed paths and the dtype."""
+  def config_overrides(self) -> dict[str, Any]:
+    """The model config's fields these flags set: the CPU speed paths, the dtype and
+    gradient checkpointing."""
     from childtuning_jax.models.encoder import SPEED_PATH_CHOICES  # jax and flax: not at --help
 
     return {**{name: getattr(self, name) for name in SPEED_PATH_CHOICES},
-            "dtype": "bfloat16" if self.bf16 else "float32"}
+            "dtype": "bfloat16" if self.bf16 else "float32",
+            "gradient_checkpointing": self.gradient_checkpointing}
 
 
 @dataclasses.dataclass
@@ -182,6 +190,13 @@ class TrainingArguments:
   per_device_train_batch_size: int = _field(16, "Training examples per device per step.", minimum=1)
   per_device_eval_batch_size: int = _field(64, "Evaluation examples per device per batch.",
                                            minimum=1)
+  gradient_accumulation_steps: int = _field(
+      1, "Micro-batches per optimizer step: each step averages the gradients of N micro-batches "
+      "of --per_device_train_batch_size examples per device (in one compiled step, a loop over "
+      "them), so the batch of an optimizer step is N x per device x devices and activation "
+      "memory that of one micro-batch. Steps, --max_steps, --save_steps, warmup and the "
+      "schedule count optimizer steps; Child-Tuning draws (F) or applies (D) its mask once per "
+      "optimizer step.", minimum=1)
   learning_rate: float = _field(5e-5, "Peak learning rate of AdamW.", above=0.0)
   weight_decay: float = _field(
       0.0, "AdamW's decoupled weight decay (not applied to biases and LayerNorm weights; under "

@@ -226,15 +226,26 @@ def eval_batches(arrays: dict[str, np.ndarray], batch_size: int) -> Iterator[dic
     yield {**take(arrays, indices), "weights": weights}
 
 
+def micro_batches(batch: dict[str, np.ndarray], count: int) -> dict[str, np.ndarray]:
+  """``batch`` as ``count`` equal micro-batches along a new leading axis (micro-batch ``i``:
+  rows ``i * size`` to ``(i + 1) * size``); ``batch`` itself when ``count`` is 1."""
+  if count == 1:
+    return batch
+  return {name: values.reshape(count, -1, *values.shape[1:]) for name, values in batch.items()}
+
+
 def place(batch: dict[str, np.ndarray], sharding: jax.sharding.NamedSharding) -> dict[str, jax.Array]:
-  """A global batch (the same on every process) as arrays split over the mesh's
-  data axis; each process hands over only the rows its devices hold."""
+  """A global batch (the same on every process) as arrays split over the mesh as
+  ``sharding`` says; each process hands over only the block its devices hold."""
   if jax.process_count() == 1:
     return jax.device_put(batch, sharding)
   placed = {}
   for name, values in batch.items():
-    # The rows this process's devices hold (contiguous for a one-axis data mesh).
-    rows = [index[0] for index in sharding.addressable_devices_indices_map(values.shape).values()]
-    start, stop = min(r.start or 0 for r in rows), max(r.stop or len(values) for r in rows)
-    placed[name] = jax.make_array_from_process_local_data(sharding, values[start:stop], values.shape)
+    # The block this process's devices hold (contiguous: the data axes are the mesh's
+    # leading ones, and processes own consecutive devices).
+    indices = list(sharding.addressable_devices_indices_map(values.shape).values())
+    block = tuple(slice(min(index[axis].start or 0 for index in indices),
+                        max(index[axis].stop or size for index in indices))
+                  for axis, size in enumerate(values.shape))
+    placed[name] = jax.make_array_from_process_local_data(sharding, values[block], values.shape)
   return placed

@@ -184,19 +184,38 @@ def task_loss(model, *, is_regression: bool) -> methods.Loss:
 
 
 def make_train_step(tx: optax.GradientTransformation, loss: methods.Loss,
-                    schedule: optax.Schedule) -> Callable:
+                    schedule: optax.Schedule, *, micro_batches: int = 1) -> Callable:
   """``(state, batch) -> (state, metrics)``: one optimizer step on ``loss``'s gradient.
 
   Step ``s`` draws its dropout from ``fold_in(state.dropout_key, s)``; the pretrained
   weights, if the state holds them, go to the loss and to the optimizer (``pretrained=``).
+
+  ``micro_batches`` > 1 (gradient accumulation): every leaf of ``batch`` has a leading axis
+  of that many equal micro-batches; the step's loss and gradient are their means (a loop
+  over them: activations of one micro-batch at a time), and micro-batch ``i`` draws its
+  dropout from ``fold_in(fold_in(state.dropout_key, s), i)``. The optimizer, and so
+  Child-Tuning's mask, runs once per step.
   """
   def train_step(state: TrainState, batch):
     # One flag per row (a row per example, so each process sets its own): whether a process
     # was asked to stop. Reduced here, every process reads the same answer after the same step.
     stop_requested = batch.pop("stop_requested", None)
     dropout_key = jax.random.fold_in(state.dropout_key, state.step)
-    value_and_grad = jax.value_and_grad(lambda p: loss(p, batch, dropout_key, state.pretrained)[0])
-    value, grads = value_and_grad(state.params)
+
+    def value_and_grad(batch, dropout_key):
+      return jax.value_and_grad(lambda p: loss(p, batch, dropout_key, state.pretrained)[0])(
+          state.params)
+
+    if micro_batches == 1:
+      value, grads = value_and_grad(batch, dropout_key)
+    else:
+      def accumulate(total, micro_batch):
+        index, batch = micro_batch
+        return jax.tree.map(jnp.add, total,
+                            value_and_grad(batch, jax.random.fold_in(dropout_key, index))), None
+      zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, state.params))
+      total, _ = jax.lax.scan(accumulate, zeros, (jnp.arange(micro_batches), batch))
+      value, grads = jax.tree.map(lambda x: x / micro_batches, total)
     extra = {} if state.pretrained is None else {"pretrained": state.pretrained}
     updates, opt_state = tx.update(grads, state.opt_state, state.params, **extra)
     params = optax.apply_updates(state.params, updates)
@@ -224,7 +243,7 @@ def compile_train_step(step_fn: Callable, run, state: TrainState) -> Callable:
   places ``state`` and donated (its buffers are reused for the new state, so the state
   passed in is deleted)."""
   shardings = run.shardings(state)
-  return jax.jit(step_fn, in_shardings=(shardings, run.data),
+  return jax.jit(step_fn, in_shardings=(shardings, run.train_data),
                  out_shardings=(shardings, run.replicated), donate_argnums=0)
 
 
@@ -254,6 +273,11 @@ class Run:
     self.fsdp = args.fsdp
     self.replicated = NamedSharding(self.mesh, P())
     self.data = NamedSharding(self.mesh, P(("data", "fsdp")))  # the batch over every device
+    # A training batch: with --gradient_accumulation_steps N, N micro-batches along a leading
+    # axis, each split over every device.
+    self.micro_batches = args.gradient_accumulation_steps
+    self.train_data = (self.data if self.micro_batches == 1
+                       else NamedSharding(self.mesh, P(None, ("data", "fsdp"))))
     self.num_devices = len(devices)
     self.output_dir = Path(args.output_dir)
     self.is_main = jax.process_index() == 0
@@ -585,10 +609,12 @@ def train(setup: Setup, state: TrainState, tx, pieces, signals: loop.StopSignals
     return state, 0.0, log
   loss = methods.wrap_loss(task_loss(setup.model, is_regression=setup.datasets.is_regression),
                            pieces)
-  train_step = compile_train_step(make_train_step(tx, loss, setup.schedule), run, state)
-  logger.info("%s: %d examples, %d devices, batch %d, %d steps (%d per epoch), from step %d",
+  train_step = compile_train_step(
+      make_train_step(tx, loss, setup.schedule, micro_batches=run.micro_batches), run, state)
+  logger.info("%s: %d examples, %d devices, batch %d%s, %d steps (%d per epoch), from step %d",
               args.mode, len(setup.train_arrays["labels"]), run.num_devices, steps.batch_size,
-              steps.total, steps.per_epoch, start_step)
+              f" ({run.micro_batches} micro-batches of {steps.batch_size // run.micro_batches})"
+              if run.micro_batches > 1 else "", steps.total, steps.per_epoch, start_step)
   saver = checkpoints_lib.Saver(setup.checkpoints, setup.flags, steps.batch_size)
   started = time.perf_counter()
   try:
@@ -673,9 +699,13 @@ def load_data_and_model(model_args: ModelArguments, data_args: DataArguments,
       type_vocab_size=config.type_vocab_size)
   model, params, loading = load_pretrained(model_path, datasets.num_labels, seed=args.seed,
                                            output_loading_info=True, **model_args.config_overrides())
-  logger.info("model: %s, %s, computing in %s", model_path, ", ".join(
+  logger.info("model: %s, %s, computing in %s%s", model_path, ", ".join(
       f"{name} {value}" for name, value in model.config.resolved_speed_paths().items()),
-      model.config.dtype)
+      model.config.dtype, ", layers recomputed in the backward pass (gradient checkpointing)"
+      if model.config.gradient_checkpointing else "")
+  if model.config.gradient_checkpointing and jax.default_backend() == "cpu":
+    logger.warning("--gradient_checkpointing on the CPU backend: XLA's CPU compiler does not keep "
+                   "the recomputed layers apart, so the step saves no memory and does more work.")
   if args.mode == "ChildTuning-D":
     always_trainable(args.always_trainable, params)  # a bad pattern fails now, not after the Fisher pass
   not_pretrained = set(loading["missing_keys"])  # incl. a head re-initialised for its shape
@@ -685,11 +715,16 @@ def load_data_and_model(model_args: ModelArguments, data_args: DataArguments,
 
 
 def plan_steps(args: TrainingArguments, run: Run, num_examples: int) -> loop.Steps:
-  batch_size = args.per_device_train_batch_size * run.num_devices
+  """Optimizer steps: ``batch_size`` examples each (per device x devices x micro-batches)."""
+  batch_size = args.per_device_train_batch_size * run.num_devices * run.micro_batches
   per_epoch = num_examples // batch_size
   if per_epoch == 0 and args.do_train:
+    accumulation = (f" x {run.micro_batches} micro-batches (--gradient_accumulation_steps)"
+                    if run.micro_batches > 1 else "")
     raise ValueError(f"{num_examples} training examples are fewer than one batch "
-                     f"({args.per_device_train_batch_size} per device x {run.num_devices} devices).")
+                     f"({args.per_device_train_batch_size} per device x {run.num_devices} devices"
+                     f"{accumulation}).")
   per_epoch = max(per_epoch, 1)  # without training: only names the schedule
   total = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * per_epoch)
-  return loop.Steps(total=total, per_epoch=per_epoch, batch_size=batch_size)
+  return loop.Steps(total=total, per_epoch=per_epoch, batch_size=batch_size,
+                    micro_batches=run.micro_batches)

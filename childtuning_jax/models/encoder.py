@@ -97,6 +97,11 @@ class EncoderConfig:
   # bfloat16; parameters (so gradients and optimizer state) stay float32, and LayerNorm
   # statistics, the attention softmax and the logits (so the loss) are float32.
   dtype: str = "float32"
+  # Recompute each encoder layer's activations in the backward pass instead of keeping them
+  # (jax.checkpoint, Hugging Face's gradient checkpointing): a training step then holds one
+  # layer's activations and each layer's input, for a second forward pass of the layers.
+  # The same function, the same gradients and dropout.
+  gradient_checkpointing: bool = False
 
   def __post_init__(self):
     if self.model_type not in _ARCHITECTURES:
@@ -343,8 +348,10 @@ class Encoder(nn.Module):
                        name="relative_attention_bias")
       bias = table(jnp.asarray(relative_position_buckets(x.shape[1])))  # [query, key, heads]
       attention_bias = attention_bias + bias.transpose(2, 0, 1)[None].astype(jnp.float32)
-    for i in range(self.config.num_hidden_layers):
-      x = Layer(self.config, name=f"layer_{i}")(x, attention_bias, deterministic)
+    # static_argnums counts the module as argument 0: `deterministic` is static.
+    layer = nn.remat(Layer, static_argnums=(3,)) if c.gradient_checkpointing else Layer
+    for i in range(c.num_hidden_layers):
+      x = layer(c, name=f"layer_{i}")(x, attention_bias, deterministic)
     return x
 
 

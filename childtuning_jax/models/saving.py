@@ -99,8 +99,8 @@ def hf_config(config: EncoderConfig) -> dict[str, Any]:
   """The ``config.json`` dict of ``config`` for ``transformers``' ``*ForSequenceClassification``."""
   values = dataclasses.asdict(config)
   num_labels = values.pop("num_labels")
-  for name in SPEED_PATH_CHOICES:  # how this library computes, not part of the model
-    del values[name]
+  for name in (*SPEED_PATH_CHOICES, "gradient_checkpointing"):  # how this library computes,
+    del values[name]                                              # not part of the model
   if config.model_type == "electra" and values["embedding_size"] is None:
     values["embedding_size"] = config.hidden_size
   elif values["embedding_size"] is None:
