@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-dev
 
-.PHONY: demo test test-oldest bench clean
+.PHONY: demo test test-oldest bench bench-tpu-compile clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -37,5 +37,20 @@ test-oldest:
 bench: $(STAMP)
 	$(BIN)/python bench/bench_core.py
 
+# The training step compiled by XLA's TPU compiler for one TPU v5e chip, on this machine
+# without a TPU (jax.experimental.topologies; libtpu from PyPI, at the versions of the
+# recorded run), in .venv-tpu: compile times and memory per chip, BERT-large and BERT-base,
+# bfloat16, without and with gradient checkpointing, at batch 32 (each compiled 3 times)
+# and (BERT-large) 256. BENCHMARKS.md's TPU sections; about an hour and a half on 2 cores.
+# One libtpu process at a time (its lock file).
+TPU_BENCH := JAX_PLATFORMS=cpu PYTHONPATH=. .venv-tpu/bin/python bench/bench_accelerator.py \
+	--topology v5e:1x1 --dtypes bfloat16 --gradient_checkpointing off,on --budget_s 14400
+bench-tpu-compile:
+	test -x .venv-tpu/bin/python || $(PYTHON) -m venv .venv-tpu
+	.venv-tpu/bin/python -m pip install --quiet "jax[tpu]==0.10.2" flax==0.12.8 optax==0.2.8
+	$(TPU_BENCH) --sizes bert-large,bert-base --compile_reps 3 --benchmarks_md
+	$(TPU_BENCH) --sizes bert-large --batch_size 256 --benchmarks_md \
+	  --section bench_accelerator_compile_batch256 --out bench/results/accelerator_compile_tpu_batch256.json
+
 clean:
-	rm -rf $(VENV) .venv-oldest *.egg-info .pytest_cache
+	rm -rf $(VENV) .venv-oldest .venv-tpu *.egg-info .pytest_cache

@@ -19,6 +19,15 @@ graphs, each traced as one operation; ``XLA_FLAGS=--xla_gpu_enable_command_buffe
 them off, so that the profile shows each kernel (and the step pays for each launch).
 ``--modes`` can add ``CT-F-trip-per-leaf``: CT-F with the mask loop it had before (a trip
 per leaf, where it now makes two trips per shape), timed beside the others.
+``--gradient_checkpointing off,on`` compiles (and times) each step also with every encoder
+layer recomputed in the backward pass.
+
+``--topology v5e:1x1`` (or ``v4:2x2x1``, ``v6e:2x2``, ...) compiles the steps for that TPU
+slice on a machine without one (``jax.experimental.topologies``: XLA's TPU compiler from
+libtpu, ``pip install "jax[tpu]"``; set ``JAX_PLATFORMS=cpu``): the TPU compiler's own compile
+time and per-chip memory (``memory_analysis``), and a step that does not fit a chip's HBM
+is reported as such; nothing runs. The batch is split over the slice's chips, the state
+replicated. ``make bench-tpu-compile`` makes such an environment (.venv-tpu) and runs it.
 
 It needs only jax, flax, optax and numpy (nothing from the trainer's extras) and the
 library in this repository:
@@ -26,14 +35,17 @@ library in this repository:
   PYTHONPATH=. python3 bench/bench_accelerator.py                 (BERT-base and BERT-large)
   PYTHONPATH=. python3 bench/bench_accelerator.py --tiny          (a tiny model, seconds, CPU)
   PYTHONPATH=. python3 bench/bench_accelerator.py --compile_only --sizes minilm,bert-base,bert-large
+  JAX_PLATFORMS=cpu PYTHONPATH=. python3 bench/bench_accelerator.py --topology v5e:1x1 --dtypes bfloat16
   PYTHONPATH=. python3 bench/bench_accelerator.py --render bench/results/accelerator_steps_gpu.json
 
 The step is the trainer's: dropout on, gradients clipped to norm 1, then the mode's mask
 and AdamW (weight decay 0.01); CT-D's child network is a random one of ``--reserve_p``
 (speed does not depend on which entries). ``--compile_only`` lowers the steps from
 shapes alone (``jax.eval_shape``), so BERT-large's compile time needs no memory for its
-weights. A table goes to stdout and everything to ``--out`` (JSON); ``--budget_s`` stops
-before a configuration that would start past it, and the JSON says which were left out.
+weights; it also reports the compiled step's memory per device (``memory_analysis``:
+arguments, outputs not aliased to them, temporaries). A table goes to stdout and everything
+to ``--out`` (JSON); ``--budget_s`` stops before a configuration that would start past it,
+and the JSON says which were left out.
 """
 
 from __future__ import annotations
@@ -99,6 +111,9 @@ PEAK_TFLOPS = {
     "TPU v6 lite": (918.0, 918.0),  # v6e (Trillium)
     "TPU v6e": (918.0, 918.0),
 }
+# Memory per chip (GiB), vendor data sheets; the first match by name, as PEAK_TFLOPS.
+MEMORY_GIB = {"H100 PCIe": 80, "H100": 80, "H200": 141, "A100": 80, "TPU v4": 32,
+              "TPU v5 lite": 16, "TPU v5e": 16, "TPU v5p": 95, "TPU v6 lite": 32, "TPU v6e": 32}
 
 
 def matmul_tflops(n: int, reps: int = 5) -> tuple[float, float]:
@@ -125,10 +140,25 @@ def chip_peak(device) -> tuple[str, tuple[float, float] | None]:
   if device.platform == "cpu":
     return (f"CPU ({platform.processor() or kind}); peak: the rate of a {CPU_MATMUL_N}² matmul",
             matmul_tflops(CPU_MATMUL_N))
-  for name, peaks in PEAK_TFLOPS.items():  # the first match: "H100 PCIe" before "H100"
-    if name.lower() in kind.lower():
-      return kind, peaks
-  return kind, None
+  return kind, by_chip_name(PEAK_TFLOPS, kind)
+
+
+def by_chip_name(table: dict, kind: str):
+  """The entry of ``table`` whose name the device kind contains (the first match: "H100
+  PCIe" before "H100"); None where none does."""
+  return next((value for name, value in table.items() if name.lower() in kind.lower()), None)
+
+
+def topology_devices(name: str) -> list:
+  """The chips of the TPU slice ``name`` (``v5e:2x2``, ``v4:2x2x1``, ...) as devices to compile
+  for, on a machine without them (libtpu's compiler; no TPU is opened)."""
+  from jax.experimental import topologies
+
+  # A host holds 2 x 2 chips (libtpu's default); a slice smaller than that is one host.
+  shape = [int(n) for n in name.split(":")[-1].split("x")] + [1]
+  hosts_chips = (min(shape[0], 2), min(shape[1], 2), 1)
+  return list(topologies.get_topology_desc(name, platform="tpu",
+                                           chips_per_host_bounds=hosts_chips).devices)
 
 
 def step_flops(config: EncoderConfig, batch: int, length: int) -> float:
@@ -226,35 +256,73 @@ def block(tree):
                       tree)
 
 
-def prepare(size: str, dtype: str, mode: str, args) -> tuple[dict, object]:
-  """Compiles the step of (size, dtype, mode): ``({"compile_s", "temp_mib"}, run)``, where
+def placed_shapes(tree, devices, *, split: bool):
+  """``tree``'s shapes placed on ``devices``: each leaf's leading axis split over them
+  (``split``: a batch), or whole on each (the state)."""
+  mesh = jax.sharding.Mesh(np.array(devices), ("data",),
+                           axis_types=(jax.sharding.AxisType.Auto,))
+  spec = jax.sharding.PartitionSpec("data") if split else jax.sharding.PartitionSpec()
+  sharding = jax.sharding.NamedSharding(mesh, spec)
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
+
+
+def memory_mib(memory) -> dict:
+  """A compiled step's bytes per device (``memory_analysis``), in MiB: its arguments, the
+  outputs not aliased to them (the donated state's buffers are reused) and temporaries."""
+  if memory is None:  # a backend that does not say
+    return {}
+  return {"argument_mib": memory.argument_size_in_bytes / 2**20,
+          "output_mib": (memory.output_size_in_bytes - memory.alias_size_in_bytes) / 2**20,
+          "temp_mib": memory.temp_size_in_bytes / 2**20}
+
+
+def is_out_of_memory(error: Exception) -> bool:
+  return "RESOURCE_EXHAUSTED" in str(error) or "Ran out of memory" in str(error)
+
+
+def prepare(size: str, dtype: str, mode: str, args, checkpointing: bool = False
+            ) -> tuple[dict, object]:
+  """Compiles the step of (size, dtype, mode), with every encoder layer recomputed in the
+  backward pass if ``checkpointing``: ``({"compile_s", memory per device}, run)``, where
   ``run(steps)`` runs that many steps from the state it keeps and returns their mean time,
   the last loss and the mean time the host spent inside the call to the compiled step
-  (``run`` is None with ``--compile_only``)."""
-  config = dataclasses.replace(SIZES[size], dtype=dtype)
+  (``run`` is None with ``--compile_only``). Compiled for ``args.devices`` (a TPU slice of
+  ``--topology``) from shapes, a step too large for the chips gives ``{"compile_s",
+  "out_of_memory"}``."""
+  config = dataclasses.replace(SIZES[size], dtype=dtype, gradient_checkpointing=checkpointing)
   model = EncoderForSequenceClassification(config)
   batch = fake_batch(config, args.batch_size, args.seq_len)
   shapes = jax.eval_shape(model.init, jax.random.key(0), batch["input_ids"][:1])["params"]
   loss = loss_fn(model)
   tx = optimizer(mode, args.reserve_p, shapes)
+  devices = getattr(args, "devices", None)
   if args.compile_only:
     state = (shapes, jax.eval_shape(tx.init, shapes), jax.eval_shape(lambda: jax.random.key(0)))
     batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), batch)
+    if devices is not None:
+      state, batch = (placed_shapes(state, devices, split=False),
+                      placed_shapes(batch, devices, split=True))
   else:
     params = jax.device_put(host_params(size))
     state = (params, tx.init(params), jax.random.key(0))  # eager: no large kernel to compile
     batch = jax.device_put(batch)
-  print(f"compiling {size}/{dtype}/{mode}", flush=True)  # a slow compile shows where it is
+  name = f"{size}/{dtype}/{mode}" + (", gradient checkpointing" if checkpointing else "")
+  print(f"compiling {name}", flush=True)  # a slow compile shows where it is
   step = make_step(loss, tx)
   with _TRACING, traced_as(mode):
     start = time.perf_counter()
     lowered = step.lower(state, batch)
-  compiled = lowered.compile()
-  result = {"compile_s": time.perf_counter() - start}
+  try:
+    compiled = lowered.compile()
+  except Exception as error:  # noqa: BLE001
+    if not (args.compile_only and is_out_of_memory(error)):
+      raise
+    result = {"compile_s": time.perf_counter() - start,
+              "out_of_memory": str(error).strip().splitlines()[0][:300]}
+    print(f"  does not fit: {result['out_of_memory']}", flush=True)
+    return result, None
+  result = {"compile_s": time.perf_counter() - start, **memory_mib(compiled.memory_analysis())}
   print(f"  compiled in {result['compile_s']:.1f} s", flush=True)
-  memory = compiled.memory_analysis()
-  if memory is not None:  # what the step needs beyond its arguments (backend's own count)
-    result["temp_mib"] = memory.temp_size_in_bytes / 2**20
   if args.compile_only:
     return result, None
   # Steps dispatched as the trainer's loop does: back to back on an accelerator (it queues
@@ -306,6 +374,28 @@ def time_interleaved(runs: dict, args) -> dict:
   return timed
 
 
+def compile_interleaved(prepare_mode, modes, reps: int) -> dict:
+  """Each mode's step compiled ``reps`` times, the modes in turn (the order rotated each
+  round, XLA's caches cleared before each compile); per mode, its first compile's row with
+  the median compile time, and the median and range of its ratio to vanilla's compile in
+  the same round."""
+  times = {mode: [] for mode in modes}
+  rows = {}
+  for r in range(reps):
+    for mode in modes[r % len(modes):] + modes[:r % len(modes)]:
+      jax.clear_caches()  # else a compile of the same program is a cache hit
+      row, _ = prepare_mode(mode)
+      rows.setdefault(mode, row)
+      times[mode].append(row["compile_s"])
+  for mode, row in rows.items():
+    row.update(compile_s=statistics.median(times[mode]), round_compile_s=times[mode])
+    if "vanilla" in times:
+      ratios = [t / v for t, v in zip(times[mode], times["vanilla"])]
+      row.update(compile_ratio=statistics.median(ratios),
+                 compile_ratio_range=[min(ratios), max(ratios)])
+  return rows
+
+
 def bench_fisher(size: str, args) -> dict:
   """The per-example Fisher over one batch (the library's row-sparse word embeddings)
   against one batched forward + backward on the same batch, float32."""
@@ -340,13 +430,26 @@ def bench_fisher(size: str, args) -> dict:
   return result
 
 
-def machine() -> dict:
-  device = jax.devices()[0]
+def machine(topology: str | None = None, devices=None) -> dict:
+  """The device the steps run on (or, with a ``topology``, are compiled for), its peaks and
+  memory, and the software."""
+  device = (devices or jax.devices())[0]
   name, peaks = chip_peak(device)
-  measured = peaks if device.platform == "cpu" else matmul_tflops(ACCELERATOR_MATMUL_N)
-  return {"backend": jax.default_backend(), "device": name, "devices": jax.device_count(),
+  if topology:  # nothing runs: no measured matmul rate
+    measured = None
+  else:
+    measured = peaks if device.platform == "cpu" else matmul_tflops(ACCELERATOR_MATMUL_N)
+  extra = {}
+  if topology:
+    from importlib import metadata
+
+    extra = {"topology": topology, "compiled_on": platform.processor() or platform.machine(),
+             "libtpu": metadata.version("libtpu")}
+  return {"backend": device.platform if topology else jax.default_backend(), "device": name,
+          "devices": len(devices) if topology else jax.device_count(),
+          "memory_gib": by_chip_name(MEMORY_GIB, name), **extra,
           "peak_tflops": None if peaks is None else dict(zip(DTYPES, peaks)),
-          "matmul_tflops": dict(zip(DTYPES, measured)),
+          "matmul_tflops": None if measured is None else dict(zip(DTYPES, measured)),
           "jax": jax.__version__, "flax": flax.__version__, "optax": optax.__version__,
           "python": platform.python_version(), "host_cores": os.cpu_count(),
           "xla_flags": os.environ.get("XLA_FLAGS", "")}
@@ -355,37 +458,68 @@ def machine() -> dict:
 def render(results: dict) -> str:
   m = results["machine"]
   peaks = m["peak_tflops"]
-  lines = [f"Device: {m['device']} ({m['backend']}, JAX {m['jax']}); peak TFLOP/s "
+  if m.get("topology"):
+    device = (f"Compiled for {m['devices']} × {m['device']} (TPU slice {m['topology']}, "
+              f"{m['memory_gib']} GiB each) by libtpu {m['libtpu']}'s compiler on a CPU host "
+              f"({m['compiled_on']}, JAX {m['jax']}): no chip ran. Peak TFLOP/s ")
+  else:
+    device = f"Device: {m['device']} ({m['backend']}, JAX {m['jax']}); peak TFLOP/s "
+  lines = [device
            + ("unknown" if peaks is None else
               f"{peaks['float32']:.1f} float32 / {peaks['bfloat16']:.1f} bfloat16")
-           + ("" if m["backend"] == "cpu" else
+           + ("" if m["backend"] == "cpu" or m["matmul_tflops"] is None else
               f" (measured: {m['matmul_tflops']['float32']:.1f} / "
               f"{m['matmul_tflops']['bfloat16']:.1f} on an {ACCELERATOR_MATMUL_N}² matmul)")
            + (f"; XLA_FLAGS `{m['xla_flags']}`" if m.get("xla_flags") else "")
            + f". Batch {results['batch_size']} × {results['seq_len']} tokens"
+           + (f" ({results['batch_size'] // m['devices']} per chip)" if m.get("topology") else "")
            + (f"; the modes compiled {results['compile_threads']} at a time (each compile "
-              "time measured while others ran)" if results.get("compile_threads", 1) > 1 else "")
+              "time measured while others ran)" if results.get("compile_threads", 1) > 1
+              and results.get("compile_reps", 1) == 1 else "")
+           + (f"; each compile time the median of {results['compile_reps']}, the modes compiled "
+              "in turn, one at a time" if results.get("compile_reps", 1) > 1 else "")
            + ". "
            f"Command: `{results['command']}` ({results['wall_s']:.0f} s).", ""]
   rows = results["steps"]
+  # Memory per device: runs since it was added.
+  memory = results["compile_only"] and any("argument_mib" in row for row in rows)
+  label = lambda row: (f"{row['mode']}, gradient checkpointing"
+                       if row.get("gradient_checkpointing") else row["mode"])
   if results["compile_only"]:
-    lines += ["| model | dtype | mode | compile | / vanilla |", "| --- | --- | --- | ---: | ---: |"]
+    lines += ["| model | dtype | mode | compile | / vanilla"
+              + (" (range over rounds) |" if results.get("compile_reps", 1) > 1 else " |")
+              + (" memory per device: arguments + outputs + temporaries |" if memory else ""),
+              "| --- | --- | --- | ---: | ---: |" + (" ---: |" if memory else "")]
   else:
     lines += ["| model | dtype | mode | compile | step | / vanilla (range over rounds) | "
               "TFLOP/s | MFU |",
               "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |"]
   for row in rows:
-    base = next((r for r in rows if (r["size"], r["dtype"], r["mode"]) ==
-                 (row["size"], row["dtype"], "vanilla")), None)
+    base = next((r for r in rows if (r["size"], r["dtype"], r["mode"],
+                                     r.get("gradient_checkpointing", False)) ==
+                 (row["size"], row["dtype"], "vanilla", row.get("gradient_checkpointing", False))),
+                None)
     ratio = lambda key, digits: "–" if base is None else f"{row[key] / base[key]:.{digits}f}×"
     if results["compile_only"]:
-      lines.append(f"| {row['size']} | {row['dtype']} | {row['mode']} | {row['compile_s']:.1f} s "
-                   f"| {ratio('compile_s', 2)} |")
+      if "out_of_memory" in row or "out_of_memory" in (base or {}):  # a failed compile's time
+        base = None
+      compile_ratio = ratio("compile_s", 2) if "compile_ratio" not in row else (  # --compile_reps
+          f"{row['compile_ratio']:.2f}× ({row['compile_ratio_range'][0]:.2f}–"
+          f"{row['compile_ratio_range'][1]:.2f})")
+      line = (f"| {row['size']} | {row['dtype']} | {label(row)} | {row['compile_s']:.1f} s "
+              f"| {compile_ratio} |")
+      if memory and "out_of_memory" in row:
+        line += f" does not fit: {row['out_of_memory'].removeprefix('RESOURCE_EXHAUSTED: ')} |"
+      elif memory:
+        total = row["argument_mib"] + row["output_mib"] + row["temp_mib"]
+        line += (f" {row['argument_mib']:,.0f} + {row['output_mib']:,.0f} + "
+                 f"{row['temp_mib']:,.0f} = {total:,.0f} MiB |")
+      lines.append(line)
       continue
     mfu = "–" if row["mfu"] is None else f"{row['mfu']:.1%}"
     step_ratio = ratio("step_s", 3) if "ratio" not in row else (  # runs before the rounds
         f"{row['ratio']:.3f}× ({row['ratio_range'][0]:.3f}–{row['ratio_range'][1]:.3f})")
-    lines.append(f"| {row['size']} | {row['dtype']} | {row['mode']} | {row['compile_s']:.1f} s | "
+    lines.append(f"| {row['size']} | {row['dtype']} | {label(row)} | {row['compile_s']:.1f} s | "
                  f"{row['step_s'] * 1e3:.1f} ms | {step_ratio} | "
                  f"{row['tflops']:.3g} | {mfu} |")
   profiled = [row for row in rows if "profile" in row]
@@ -402,7 +536,7 @@ def render(results: dict) -> str:
       op, kind, seconds = prof["top"][0] if prof["top"] else ("–", "", 0.0)
       busy_mfu = ("–" if row["mfu"] is None or not prof["total_s"]
                   else f"{row['mfu'] * row['step_s'] / prof['total_s']:.1%}")
-      lines.append(f"| {row['size']} | {row['dtype']} | {row['mode']} | "
+      lines.append(f"| {row['size']} | {row['dtype']} | {label(row)} | "
                    f"{row['step_s'] * 1e3:.2f} ms | {prof['total_s'] * 1e3:.2f} ms | {busy_mfu} | "
                    + " | ".join(f"{prof['by_kind'][k] * 1e3:.2f} ms" for k in KINDS)
                    + f" | `{op[:40]}` ({kind}, {seconds * 1e3:.2f} ms) |")
@@ -421,7 +555,7 @@ def render(results: dict) -> str:
         prof = row["profile"]
         events = "; ".join(f"`{name[:60]}` {in_gaps * 1e3:.2f} / {total * 1e3:.2f} ms"
                            for name, in_gaps, total in prof["host_while_idle"][:3]) or "–"
-        lines.append(f"| {row['size']} | {row['dtype']} | {row['mode']} | "
+        lines.append(f"| {row['size']} | {row['dtype']} | {label(row)} | "
                      f"{row['step_s'] * 1e3:.2f} ms | {row['call_s'] * 1e3:.2f} ms | "
                      f"{prof['idle_s'] * 1e3:.2f} ms | {events} |")
   if results.get("fisher"):
@@ -453,7 +587,19 @@ def main(argv=None):
                       "of the rounds' ratios)")
   parser.add_argument("--reserve_p", type=float, default=0.3)
   parser.add_argument("--compile_only", action="store_true",
-                      help="compile times only, from shapes (no weights in memory)")
+                      help="compile times and memory per device only, from shapes (no weights "
+                      "in memory)")
+  parser.add_argument("--gradient_checkpointing", default="off",
+                      help="off, on, or off,on: each step without and with every encoder layer "
+                      "recomputed in the backward pass")
+  parser.add_argument("--compile_reps", type=int, default=1,
+                      help="--compile_only: compile each step this many times, the modes of a "
+                      "group in turn (the order rotated each round, one compile at a time); "
+                      "the compile time is the median, its ratio to vanilla's the median of "
+                      "the rounds' ratios")
+  parser.add_argument("--topology", help="compile for this TPU slice (v5e:1x1, v4:2x2x1, ...) "
+                      "on this machine, without one: implies --compile_only; needs libtpu "
+                      "(pip install 'jax[tpu]') and JAX_PLATFORMS=cpu")
   parser.add_argument("--fisher_size", default="bert-base",
                       help="the model of the Fisher measurement ('none' to skip)")
   parser.add_argument("--fisher_chunk", type=int, default=32,
@@ -486,11 +632,25 @@ def main(argv=None):
   if args.tiny:
     args.sizes, args.fisher_size, args.batch_size, args.seq_len = "tiny", "tiny", 4, 32
     args.steps, args.rounds, args.fisher_reps, args.fisher_chunk = 2, 1, 1, 2
-  sizes, dtypes, modes = (value.split(",") for value in (args.sizes, args.dtypes, args.modes))
+  sizes, dtypes, modes, settings = (value.split(",") for value in (
+      args.sizes, args.dtypes, args.modes, args.gradient_checkpointing))
   for name, values, allowed in (("--sizes", sizes, SIZES), ("--dtypes", dtypes, DTYPES),
-                                ("--modes", modes, MODES + (CTF_PER_LEAF,))):
+                                ("--modes", modes, MODES + (CTF_PER_LEAF,)),
+                                ("--gradient_checkpointing", settings, ("off", "on"))):
     if unknown := [v for v in values if v not in allowed]:
       parser.error(f"{name}: unknown {unknown}; choose from {list(allowed)}")
+  args.devices = None
+  if args.topology and not args.render:
+    args.compile_only = True
+    try:
+      args.devices = topology_devices(args.topology)
+    except Exception as error:  # noqa: BLE001  (libtpu missing, or a name it does not know)
+      parser.error(f"--topology {args.topology}: {type(error).__name__}: "
+                   f"{str(error).strip().splitlines()[0][:300]} (it needs libtpu: pip install "
+                   "'jax[tpu]', or make bench-tpu-compile)")
+    if args.batch_size % len(args.devices):
+      parser.error(f"--batch_size {args.batch_size} does not split over the "
+                   f"{len(args.devices)} chips of {args.topology}")
   if args.compile_threads is None:  # a CPU's compiles already use its cores
     args.compile_threads = 1 if jax.default_backend() == "cpu" else len(modes)
   if args.render:
@@ -501,50 +661,59 @@ def main(argv=None):
       write_section(section, results, args.section)
     return results
   kind = "compile" if args.compile_only else "steps"
+  results = {"machine": machine(args.topology, args.devices)}
   if args.benchmarks_md and not args.out:
-    args.out = str(ROOT / "bench" / "results" / f"accelerator_{kind}_{jax.default_backend()}.json")
+    args.out = str(ROOT / "bench" / "results"
+                   / f"accelerator_{kind}_{results['machine']['backend']}.json")
   start = time.perf_counter()
-  results = {"machine": machine(), "batch_size": args.batch_size, "seq_len": args.seq_len,
-             "compile_only": args.compile_only, "fisher_chunk": args.fisher_chunk,
-             "compile_threads": args.compile_threads,
-             "command": "python3 bench/bench_accelerator.py " + " ".join(argv or sys.argv[1:]),
-             "steps": [], "left_out": []}
+  results.update({
+      "batch_size": args.batch_size, "seq_len": args.seq_len, "compile_only": args.compile_only,
+      "fisher_chunk": args.fisher_chunk, "compile_threads": args.compile_threads,
+      "compile_reps": args.compile_reps,
+      "command": "python3 bench/bench_accelerator.py " + " ".join(argv or sys.argv[1:]),
+      "steps": [], "left_out": []})
   peaks = results["machine"]["peak_tflops"]
-  for dtype in dtypes:  # in the order asked: the default puts what matters most first
-    for size in sizes:
-      rows, runs = {}, {}  # the modes of one (dtype, size) held at once, timed interleaved
-      if args.compile_threads > 1 and time.perf_counter() - start <= args.budget_s:
-        with ThreadPoolExecutor(args.compile_threads) as pool:  # the compiles overlap
-          prepared = pool.map(functools.partial(prepare, size, dtype, args=args), modes)
-          for mode, (row, run) in zip(modes, prepared):
-            rows[mode], runs[mode] = row, run
-      else:
-        for mode in modes:
-          if time.perf_counter() - start > args.budget_s:
-            results["left_out"].append(f"{size}/{dtype}/{mode}")
-            continue
-          rows[mode], runs[mode] = prepare(size, dtype, mode, args)
-      if runs and not args.compile_only:
-        for mode, timed in time_interleaved(runs, args).items():
-          if args.profile:
-            try:  # a profiler this platform lacks costs the profile, not the run
-              run = runs[mode]
-              timed["profile"] = profile_kernels(functools.partial(run, args.steps),
-                                                 run.hlo_text, args.steps)
-            except Exception as error:  # noqa: BLE001
-              timed["profile_error"] = f"{type(error).__name__}: {error}"
-              print(f"  profile failed: {timed['profile_error']}", flush=True)
-          rows[mode].update(timed)
-          rows[mode]["tflops"] = (step_flops(SIZES[size], args.batch_size, args.seq_len)
-                                  / timed["step_s"] / 1e12)
-          rows[mode]["mfu"] = None if peaks is None else rows[mode]["tflops"] / peaks[dtype]
-      del runs  # frees this group's device memory before the next
-      for mode, row in rows.items():
-        results["steps"].append({"size": size, "dtype": dtype, "mode": mode, **row})
-        print(f"{size}/{dtype}/{mode}",
-              json.dumps({k: v for k, v in row.items()
-                          if k.endswith("_s") or k in ("mfu", "ratio")}), flush=True)
-      write_json(results, args.out)  # so far: a run stopped later keeps what it measured
+  groups = [(setting == "on", dtype, size) for setting in settings
+            for dtype in dtypes for size in sizes]  # in the order asked: what matters most first
+  for checkpointing, dtype, size in groups:
+    rows, runs = {}, {}  # the modes of one group held at once, timed interleaved
+    prepare_mode = functools.partial(prepare, size, dtype, args=args,
+                                     checkpointing=checkpointing)
+    if args.compile_only and args.compile_reps > 1:
+      rows = compile_interleaved(prepare_mode, modes, args.compile_reps)
+    elif args.compile_threads > 1 and time.perf_counter() - start <= args.budget_s:
+      with ThreadPoolExecutor(args.compile_threads) as pool:  # the compiles overlap
+        for mode, (row, run) in zip(modes, pool.map(prepare_mode, modes)):
+          rows[mode], runs[mode] = row, run
+    else:
+      for mode in modes:
+        if time.perf_counter() - start > args.budget_s:
+          results["left_out"].append(f"{size}/{dtype}/{mode}"
+                                     + (", gradient checkpointing" if checkpointing else ""))
+          continue
+        rows[mode], runs[mode] = prepare_mode(mode)
+    if runs and not args.compile_only:
+      for mode, timed in time_interleaved(runs, args).items():
+        if args.profile:
+          try:  # a profiler this platform lacks costs the profile, not the run
+            run = runs[mode]
+            timed["profile"] = profile_kernels(functools.partial(run, args.steps),
+                                               run.hlo_text, args.steps)
+          except Exception as error:  # noqa: BLE001
+            timed["profile_error"] = f"{type(error).__name__}: {error}"
+            print(f"  profile failed: {timed['profile_error']}", flush=True)
+        rows[mode].update(timed)
+        rows[mode]["tflops"] = (step_flops(SIZES[size], args.batch_size, args.seq_len)
+                                / timed["step_s"] / 1e12)
+        rows[mode]["mfu"] = None if peaks is None else rows[mode]["tflops"] / peaks[dtype]
+    del runs  # frees this group's device memory before the next
+    for mode, row in rows.items():
+      results["steps"].append({"size": size, "dtype": dtype, "mode": mode,
+                               "gradient_checkpointing": checkpointing, **row})
+      print(f"{size}/{dtype}/{mode}" + (", gradient checkpointing" if checkpointing else ""),
+            json.dumps({k: v for k, v in row.items()
+                        if k.endswith("_s") or k in ("mfu", "ratio")}), flush=True)
+    write_json(results, args.out)  # so far: a run stopped later keeps what it measured
   if not args.compile_only and args.fisher_size != "none":
     if time.perf_counter() - start > args.budget_s:
       results["left_out"].append(f"{args.fisher_size}/fisher")
@@ -566,6 +735,9 @@ def write_section(section: str, results: dict, name: str | None):
   name = name or f"bench_accelerator_{'compile' if results['compile_only'] else 'steps'}"
   title = ("Compile times of the training step" if results["compile_only"]
            else "Accelerator benchmark: training step, MFU, Fisher")
+  if results["machine"].get("topology"):
+    title = ("Compiled for a TPU on a CPU host: the training step's compile time and memory "
+             f"per chip, batch {results['batch_size']} × {results['seq_len']}")
   update_benchmarks_md(section, results["machine"]["backend"], name=name, title=title)
 
 

@@ -136,3 +136,76 @@ def test_ctf_trip_per_leaf_mode_is_the_same_training_with_the_old_mask_loop():
   assert losses["CT-F"] == losses[bench.CTF_PER_LEAF] != losses["vanilla"]
   assert trips["CT-F"] and set(trips["CT-F"]) == {2}  # the masks' loops: two trips each
   assert max(trips[bench.CTF_PER_LEAF]) > 2 and not trips["vanilla"]
+
+
+def test_compile_only_reports_memory_per_device_with_and_without_gradient_checkpointing(tmp_path):
+  """--compile_only --gradient_checkpointing off,on: each step compiled from shapes both ways,
+  labelled, with its memory per device (arguments, outputs not aliased, temporaries);
+  --compile_reps 2: each compiled twice, the modes in turn, the median and its ratio."""
+  out = tmp_path / "compile.json"
+  env = {**os.environ, "PYTHONPATH": str(ROOT)}
+  env.pop("XLA_FLAGS", None)
+  done = subprocess.run([sys.executable, "-c", BLOCKED_RUN, "--tiny", "--compile_only",
+                         "--dtypes", "float32", "--modes", "vanilla,CT-D",
+                         "--gradient_checkpointing", "off,on", "--compile_reps", "2",
+                         "--out", str(out)],
+                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert done.returncode == 0, done.stderr[-3000:]
+  results = json.loads(out.read_text())
+  rows = {(r["mode"], r["gradient_checkpointing"]): r for r in results["steps"]}
+  assert set(rows) == {(mode, on) for mode in ("vanilla", "CT-D") for on in (False, True)}
+  for row in rows.values():
+    assert row["argument_mib"] > 0 and row["temp_mib"] > 0 and row["output_mib"] >= 0
+  # CT-D's arguments hold its mask too; the state is donated, so no output is new.
+  assert rows["CT-D", False]["argument_mib"] > rows["vanilla", False]["argument_mib"]
+  assert rows["vanilla", False]["output_mib"] < rows["vanilla", False]["argument_mib"] / 10
+  assert "| tiny | float32 | CT-D, gradient checkpointing |" in done.stdout
+  assert "memory per device: arguments + outputs + temporaries" in done.stdout
+  for (mode, _), row in rows.items():
+    first, second = row["round_compile_s"]
+    assert row["compile_s"] == pytest.approx((first + second) / 2)  # the median of two
+    low, high = row["compile_ratio_range"]
+    assert low <= row["compile_ratio"] <= high and (mode != "vanilla" or low == high == 1.0)
+  assert "each compile time the median of 2" in done.stdout
+
+
+def test_a_step_compiled_for_a_tpu_slice_renders_what_ran_and_what_did_not_fit():
+  """A run of --topology (compiled by libtpu's compiler on a CPU host) says so; a step too
+  large for the chip's memory reads 'does not fit' with the compiler's reason, and no
+  compile ratio is taken against a compile that failed."""
+  sys.path.insert(0, str(ROOT / "bench"))
+  import bench_accelerator as bench
+
+  memory = {"argument_mib": 1000.0, "output_mib": 0.0, "temp_mib": 500.0}
+  results = {
+      "machine": {"backend": "tpu", "device": "TPU v5 lite", "devices": 1, "memory_gib": 16,
+                  "topology": "v5e:1x1", "compiled_on": "x86_64", "libtpu": "0.0.42.1",
+                  "jax": "0.10.2", "peak_tflops": {"float32": 197.0, "bfloat16": 197.0},
+                  "matmul_tflops": None},
+      "batch_size": 128, "seq_len": 128, "compile_only": True, "compile_threads": 1,
+      "command": "python3 bench/bench_accelerator.py --topology v5e:1x1", "wall_s": 60.0,
+      "left_out": [],
+      "steps": [
+          {"size": "bert-large", "dtype": "bfloat16", "mode": "vanilla",
+           "gradient_checkpointing": False, "compile_s": 10.0,
+           "out_of_memory": "RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory "
+                            "required for HLO temporaries (20.10G) exceeds available HBM "
+                            "(15.75G)."},
+          {"size": "bert-large", "dtype": "bfloat16", "mode": "CT-F",
+           "gradient_checkpointing": False, "compile_s": 12.0,
+           "out_of_memory": "RESOURCE_EXHAUSTED: Ran out of memory on HBM."},
+          {"size": "bert-large", "dtype": "bfloat16", "mode": "vanilla",
+           "gradient_checkpointing": True, "compile_s": 20.0, **memory},
+          {"size": "bert-large", "dtype": "bfloat16", "mode": "CT-F",
+           "gradient_checkpointing": True, "compile_s": 25.0, **memory}]}
+  table = bench.render(results)
+  assert table.startswith("Compiled for 1 × TPU v5 lite (TPU slice v5e:1x1, 16 GiB each)")
+  assert "no chip ran" in table and "(128 per chip)" in table
+  assert ("| bert-large | bfloat16 | vanilla | 10.0 s | – | does not fit: Ran out of memory on "
+          "HBM, the total memory required for HLO temporaries (20.10G) exceeds available HBM "
+          "(15.75G). |") in table
+  assert "| bert-large | bfloat16 | CT-F | 12.0 s | – | does not fit: " in table
+  assert ("| bert-large | bfloat16 | CT-F, gradient checkpointing | 25.0 s | 1.25× | "
+          "1,000 + 0 + 500 = 1,500 MiB |") in table
+  assert bench.is_out_of_memory(RuntimeError(results["steps"][0]["out_of_memory"]))
+  assert not bench.is_out_of_memory(RuntimeError("INVALID_ARGUMENT: something else"))
