@@ -398,8 +398,8 @@ def test_gradient_checkpointing_computes_the_same_loss_gradients_and_dropout(tmp
 def test_gradient_checkpointing_keeps_only_the_layers_inputs_for_the_backward_pass():
   """What the forward pass keeps for the backward pass (the residuals of ``jax.vjp``, beside
   the parameters): every layer's activations without checkpointing, each layer's input with
-  it. (Whether a backend's compiler honours it is its own matter: XLA's CPU backend drops
-  the barriers that keep the recomputation apart, so on the CPU it saves no memory.)"""
+  it. (What a compiler makes of it is its own matter: XLA's TPU compiler keeps the
+  recomputation apart, XLA's CPU compiler merges most of it back; BENCHMARKS.md.)"""
   ids = jnp.ones((8, 64), jnp.int32)
   kept = {}
   for checkpointing in (False, True):

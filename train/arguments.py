@@ -77,8 +77,8 @@ class ModelArguments:
       False, "Recompute each encoder layer's activations in the backward pass instead of keeping "
       "them (jax.checkpoint per layer, as Hugging Face's flag): activation memory of about one "
       "layer plus each layer's input, for a second forward pass of the layers. The same "
-      "gradients. For GPUs and TPUs: XLA's CPU backend does not keep the recomputation apart, "
-      "so on the CPU it saves no memory.")
+      "gradients. For GPUs and TPUs: XLA's CPU compiler merges most of the recomputation back, "
+      "so on the CPU it saves little memory (BENCHMARKS.md).")
 
   def __post_init__(self):
     check_ranges(self)

@@ -130,7 +130,6 @@ class Steps:
   total: int
   per_epoch: int
   batch_size: int  # the global batch of a step: per device x devices x micro-batches
-  micro_batches: int = 1  # --gradient_accumulation_steps
 
 
 def train_loop(state, train_step, evaluate_params: Callable, train_arrays: dict,
@@ -187,7 +186,7 @@ def train_loop(state, train_step, evaluate_params: Callable, train_arrays: dict,
                                    epoch=epoch))
       batch = input_pipeline.take(train_arrays, order[position])
       batch["stop_requested"] = np.full(steps.batch_size, signals.signum is not None, np.int32)
-      batch = input_pipeline.micro_batches(batch, steps.micro_batches)
+      batch = input_pipeline.micro_batches(batch, run.micro_batches)
       state, metrics = train_step(state, input_pipeline.place(batch, run.train_data))
       if one_step_at_a_time:
         jax.block_until_ready(metrics)

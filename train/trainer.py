@@ -704,8 +704,9 @@ def load_data_and_model(model_args: ModelArguments, data_args: DataArguments,
       model.config.dtype, ", layers recomputed in the backward pass (gradient checkpointing)"
       if model.config.gradient_checkpointing else "")
   if model.config.gradient_checkpointing and jax.default_backend() == "cpu":
-    logger.warning("--gradient_checkpointing on the CPU backend: XLA's CPU compiler does not keep "
-                   "the recomputed layers apart, so the step saves no memory and does more work.")
+    logger.warning("--gradient_checkpointing on the CPU backend: XLA's CPU compiler merges most of "
+                   "the recomputation back, so the step saves little memory and does more work "
+                   "(BENCHMARKS.md, compile times and memory of the training step).")
   if args.mode == "ChildTuning-D":
     always_trainable(args.always_trainable, params)  # a bad pattern fails now, not after the Fisher pass
   not_pretrained = set(loading["missing_keys"])  # incl. a head re-initialised for its shape
@@ -726,5 +727,4 @@ def plan_steps(args: TrainingArguments, run: Run, num_examples: int) -> loop.Ste
                      f"{accumulation}).")
   per_epoch = max(per_epoch, 1)  # without training: only names the schedule
   total = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * per_epoch)
-  return loop.Steps(total=total, per_epoch=per_epoch, batch_size=batch_size,
-                    micro_batches=run.micro_batches)
+  return loop.Steps(total=total, per_epoch=per_epoch, batch_size=batch_size)
