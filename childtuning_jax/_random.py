@@ -141,6 +141,12 @@ def bernoulli_per_shape(key: jax.Array, p: float | jax.Array, shapes: list[tuple
   decisions at an index XLA does not know, so the consumers of the arrays of one shape
   are one computation, compiled once; a row known at compile time makes each array's
   consumers a kernel of their own. Without ``rows``, the rows are constants.
+
+  The decisions leave through one ``lax.optimization_barrier``: XLA's TPU compiler then
+  compiles the draws apart from their consumers instead of fusing them into the step's
+  other work, and the CT-F step compiles markedly faster (BENCHMARKS.md, the TPU
+  sections). XLA's CPU compiler removes the barrier: its program is the same with it and
+  without it (a test).
   """
   words = jax.vmap(lambda k: jax.random.bits(k, (2,), jnp.uint32))(
       jax.random.split(key, len(shapes)))
@@ -161,4 +167,4 @@ def bernoulli_per_shape(key: jax.Array, p: float | jax.Array, shapes: list[tuple
     for row, i in enumerate(members):
       keeps[i] = (drawn[row] if rows is None
                   else lax.dynamic_index_in_dim(drawn, rows[i], keepdims=False))
-  return keeps
+  return list(lax.optimization_barrier(keeps))

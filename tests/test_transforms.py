@@ -270,6 +270,36 @@ def test_free_leaves_of_one_shape_share_their_kernels():
     np.testing.assert_array_equal(a, b)
 
 
+def test_free_masks_leave_through_one_barrier_that_the_cpu_compiler_removes(monkeypatch):
+  """Every leaf's decisions leave the drawing through one optimization barrier (what keeps
+  XLA's TPU compiler from fusing the draws into the step: BENCHMARKS.md); on the CPU the
+  compiled program is the same without it."""
+  from childtuning_jax import _random
+  params = {"a": jnp.ones((64, 32)), "b": jnp.ones((64, 32)), "c": jnp.ones((64, 32)),
+            "bias": jnp.ones((32,)), "bias2": jnp.ones((32,)), "odd": jnp.ones((7, 5))}
+  tx = optax.chain(child_tuning_free(0.3, key=1), optax.adamw(1e-3))
+  state = tx.init(params)
+  update = jax.jit(tx.update)
+  barriers = [eqn for eqn in jax.make_jaxpr(tx.update)(params, state, params).eqns
+              if eqn.primitive.name == "optimization_barrier"]
+  assert len(barriers) == 1
+  assert sorted(tuple(v.aval.shape) for v in barriers[0].invars) == sorted(
+      np.shape(x) for x in jax.tree.leaves(params))
+  assert all(v.aval.dtype == jnp.bool_ for v in barriers[0].invars)
+
+  def program():
+    text = update.lower(params, state, params).compile().as_text()
+    text = text[text.index("\n%"):]  # the computations, without the tables of source names
+    return [line.strip() for line in
+            re.sub(r"metadata=\{[^}]*\}|stack_frame_id=\d+|%[\w.\-]+", "", text).splitlines()]
+  with_barrier, updated = program(), update(params, state, params)[0]
+  monkeypatch.setattr(_random.lax, "optimization_barrier", lambda values: values)
+  jax.clear_caches()
+  assert program() == with_barrier
+  for a, b in zip(jax.tree.leaves(updated), jax.tree.leaves(update(params, state, params)[0])):
+    np.testing.assert_array_equal(a, b)
+
+
 def _loop_lengths(jaxpr) -> list[int]:
   """The trip counts of the scans (``lax.map``) in a jaxpr, its sub-jaxprs included."""
   lengths = []
