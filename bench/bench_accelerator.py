@@ -436,15 +436,14 @@ def machine(topology: str | None = None, devices=None) -> dict:
   device = (devices or jax.devices())[0]
   name, peaks = chip_peak(device)
   if topology:  # nothing runs: no measured matmul rate
-    measured = None
-  else:
-    measured = peaks if device.platform == "cpu" else matmul_tflops(ACCELERATOR_MATMUL_N)
-  extra = {}
-  if topology:
     from importlib import metadata
 
+    measured = None
     extra = {"topology": topology, "compiled_on": platform.processor() or platform.machine(),
              "libtpu": metadata.version("libtpu")}
+  else:
+    measured = peaks if device.platform == "cpu" else matmul_tflops(ACCELERATOR_MATMUL_N)
+    extra = {}
   return {"backend": device.platform if topology else jax.default_backend(), "device": name,
           "devices": len(devices) if topology else jax.device_count(),
           "memory_gib": by_chip_name(MEMORY_GIB, name), **extra,
